@@ -1,0 +1,47 @@
+# coorddet: `make demo` and `make test` are the two commands a newcomer needs.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO_DATA := data/demo
+DEMO_RUNS := runs/demo
+DEMO_REPORT := reports/demo
+
+.PHONY: install demo test lint format bench paper clean
+
+# Re-install only when pyproject.toml changes (the stamp is newer otherwise).
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=23"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	@test -f $(DEMO_DATA)/dataset.json || $(BIN)/python -m data_gen --out $(DEMO_DATA) --config configs/demo_data.txt
+	$(BIN)/python train.py --config configs/demo.yaml --data $(DEMO_DATA) --out $(DEMO_RUNS)/baseline --no-coordconv --overwrite --quiet
+	$(BIN)/python train.py --config configs/demo.yaml --data $(DEMO_DATA) --out $(DEMO_RUNS)/coordconv --coordconv --overwrite --quiet
+	$(BIN)/python -m coorddet.evaluate --data $(DEMO_DATA) --split test --out $(DEMO_REPORT) --overwrite \
+		$(DEMO_RUNS)/baseline/checkpoints/best.ckpt $(DEMO_RUNS)/coordconv/checkpoints/best.ckpt
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run.py --out benchmarks/latest.json
+
+paper: $(STAMP)
+	$(BIN)/python experiments/paper_repro.py
+
+clean:
+	rm -rf $(DEMO_DATA) $(DEMO_RUNS) $(DEMO_REPORT) .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -not -path "./$(VENV)/*" -prune -exec rm -rf {} +

@@ -1,0 +1,162 @@
+"""Training-step speed of ``build_model`` in a bare PyTorch loop (no Lightning, no data loading).
+
+Each step: a batch of random (1, S, S) images with ``--boxes`` random digit-sized boxes
+(15-25 px) each, ``sum(losses).backward()``, SGD step. Baseline and CoordConv models are
+stepped alternately in one process so machine noise hits both arms alike; the median step
+time gives images/s and the CoordConv / baseline step-time ratio.
+
+    python benchmarks/model_speed.py                       # default options
+    python benchmarks/model_speed.py --set box_head_width=128 --set roi_pool=pool
+    python benchmarks/model_speed.py --sweep               # the issue-7 model levers
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops.roi_align import _roi_align
+
+from coorddet.models import build_model
+
+SWEEP: list[tuple[str, dict]] = [
+    ("defaults", {}),
+    ("box_batch_size_per_image=32", {"box_batch_size_per_image": 32}),
+    ("box_batch_size_per_image=128", {"box_batch_size_per_image": 128}),
+    ("box_batch_size_per_image=512", {"box_batch_size_per_image": 512}),
+    ("box_head_width=128", {"box_head_width": 128}),
+    ("box_head_width=1024", {"box_head_width": 1024}),
+    ("sampling_ratio=1", {"sampling_ratio": 1}),
+    ("sampling_ratio=0 (adaptive)", {"sampling_ratio": 0}),
+    ("roi_pool=pool", {"roi_pool": "pool"}),
+    ("roi_pool=align-torchvision (C++ kernel)", {"roi_pool": "align-torchvision"}),
+    (
+        "roi_pool=align-torchvision, sampling_ratio=1",
+        {"roi_pool": "align-torchvision", "sampling_ratio": 1},
+    ),
+    ("roi_output_size=5", {"roi_output_size": 5}),
+    ("pure-PyTorch RoIAlign (torchvision _roi_align)", {"_torch_roi_align": True}),
+    (
+        "rpn top-n torchvision (2000/2000 train)",
+        {"rpn_pre_nms_top_n_train": 2000, "rpn_post_nms_top_n_train": 2000},
+    ),
+    (
+        "rpn top-n 300/150 train",
+        {"rpn_pre_nms_top_n_train": 300, "rpn_post_nms_top_n_train": 150},
+    ),
+    ("rpn_batch_size_per_image=128", {"rpn_batch_size_per_image": 128}),
+]
+
+
+class TorchRoIAlign(nn.Module):
+    """Single-map RoIAlign through torchvision's pure-PyTorch ``_roi_align`` (benchmark only)."""
+
+    def __init__(self, output_size: int, sampling_ratio: int, stride: int = 4) -> None:
+        super().__init__()
+        self.output_size, self.sampling_ratio, self.stride = output_size, sampling_ratio, stride
+
+    def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes) -> Tensor:
+        rois = torch.cat(
+            [torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)]
+        )
+        size, ratio = self.output_size, self.sampling_ratio
+        return _roi_align(x["0"], rois, 1.0 / self.stride, size, size, ratio, False)
+
+
+def make_batch(batch: int, canvas: int, boxes: int, generator: torch.Generator):
+    images = [torch.rand(1, canvas, canvas, generator=generator) for _ in range(batch)]
+    targets = []
+    for _ in range(batch):
+        size = torch.randint(15, 26, (boxes, 2), generator=generator).float()
+        corner = torch.rand(boxes, 2, generator=generator) * (canvas - size)
+        targets.append(
+            {
+                "boxes": torch.cat([corner, corner + size], dim=1),
+                "labels": torch.randint(1, 11, (boxes,), generator=generator),
+            }
+        )
+    return images, targets
+
+
+def make_model(options: dict, coordconv: bool) -> nn.Module:
+    options = dict(options)
+    torch_roi_align = options.pop("_torch_roi_align", False)
+    torch.manual_seed(0)
+    model = build_model(coordconv=coordconv, **options)
+    if torch_roi_align:
+        pool = model.roi_heads.box_roi_pool
+        model.roi_heads.box_roi_pool = TorchRoIAlign(pool.output_size[0], pool.sampling_ratio)
+    return model.train()
+
+
+def compare(options: dict, args: argparse.Namespace) -> dict[str, float]:
+    """Median step seconds of baseline and CoordConv, stepped alternately."""
+    models = {arm: make_model(options, arm == "coordconv") for arm in ("baseline", "coordconv")}
+    optimizers = {
+        arm: torch.optim.SGD(model.parameters(), lr=0.005, momentum=0.9)
+        for arm, model in models.items()
+    }
+    generator = torch.Generator().manual_seed(0)
+    batches = [make_batch(args.batch, args.canvas, args.boxes, generator) for _ in range(4)]
+    times: dict[str, list[float]] = {arm: [] for arm in models}
+    for step in range(args.warmup + args.steps):
+        images, targets = batches[step % len(batches)]
+        for arm, model in models.items():
+            start = time.perf_counter()
+            losses = model(images, targets)
+            loss = sum(losses.values())
+            optimizers[arm].zero_grad(set_to_none=True)
+            loss.backward()
+            optimizers[arm].step()
+            if step >= args.warmup:
+                times[arm].append(time.perf_counter() - start)
+    base, coord = (statistics.median(times[arm]) for arm in ("baseline", "coordconv"))
+    return {
+        "baseline_img_per_s": args.batch / base,
+        "coordconv_img_per_s": args.batch / coord,
+        "coordconv_step_ratio": coord / base,
+    }
+
+
+def parse_value(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    if "," in text:
+        return [parse_value(part) for part in text.split(",")]
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a build_model option (lists: a,b,c); repeatable")
+    parser.add_argument("--sweep", action="store_true", help="run the lever sweep")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--canvas", type=int, default=64)
+    parser.add_argument("--boxes", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    base = dict(kv.split("=", 1) for kv in args.set)
+    base = {key: parse_value(value) for key, value in base.items()}
+    runs = SWEEP if args.sweep else [("options " + (" ".join(args.set) or "default"), {})]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
+          f"{args.canvas}px, median of {args.steps} steps after {args.warmup}")
+    print(f"{'variant':50s} {'baseline img/s':>15s} {'coordconv img/s':>16s} {'ratio':>7s}")
+    for name, options in runs:
+        result = compare({**base, **options}, args)
+        print(f"{name:50s} {result['baseline_img_per_s']:15.1f} "
+              f"{result['coordconv_img_per_s']:16.1f} {result['coordconv_step_ratio']:7.3f}",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()

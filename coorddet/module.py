@@ -1,0 +1,208 @@
+"""The ``LightningModule`` for a torchvision Faster R-CNN (baseline or CoordConv).
+
+Lightning owns the loops, devices, DDP, precision, checkpoints and logs; this module only says
+what one training step is, how validation is scored (:mod:`coorddet.metrics`, the same code as
+``coorddet.evaluate``) and which optimizer and schedule to use.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from coorddet.metrics import METRIC_KEYS, ImagePrediction, evaluate_records, predict_with_proposals
+
+CHECKPOINT_KEY = "coorddet"  # marks a checkpoint as ours; holds the resolved run config
+CHECKPOINT_FORMAT = 1
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite: the run stops and keeps its best checkpoint."""
+
+
+class DetectionModule(L.LightningModule):
+    """Trains ``model`` (a torchvision ``FasterRCNN``) and scores it on the validation split.
+
+    Args:
+        model: the detector; images are float ``(C, H, W)`` tensors in [0, 1], targets dicts of
+            ``boxes`` float ``(K, 4)`` xyxy pixels and ``labels`` int64 ``(K,)`` category ids.
+        optimizer, lr, momentum, weight_decay: ``sgd`` (with momentum), ``adam`` or ``adamw``.
+        scheduler: ``cosine`` (per step, to 0), ``step`` (``gamma`` at ``milestones`` epochs)
+            or ``none``; ``warmup_steps`` of linear warm-up precede it.
+        score_thresh, rpn_top_k, rpn_nms_iou: metric settings (see :mod:`coorddet.metrics`).
+        run_config: the resolved run configuration, stored in every checkpoint so that
+            ``coorddet.evaluate`` can rebuild the model from the checkpoint alone.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        optimizer: str = "sgd",
+        lr: float = 0.02,
+        momentum: float = 0.9,
+        weight_decay: float = 1e-4,
+        scheduler: str = "cosine",
+        warmup_steps: int = 100,
+        milestones: list[int] | None = None,
+        gamma: float = 0.1,
+        score_thresh: float = 0.5,
+        rpn_top_k: int = 10,
+        rpn_nms_iou: float = 0.8,
+        run_config: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["model"])
+        self.model = model
+        self._val_records: list[ImagePrediction] = []
+        self._batch_started = 0.0
+        self.train_images = 0
+        self.train_seconds = 0.0
+        self.last_metrics: dict[str, float] = {}
+
+    def forward(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
+        """Inference only: per image ``boxes`` (D, 4) xyxy, ``scores`` (D,), ``labels`` (D,)."""
+        return self.model(images)
+
+    # -- training ---------------------------------------------------------------------------
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._batch_started = time.perf_counter()
+
+    def training_step(self, batch: tuple[list[Tensor], list[dict]], batch_idx: int) -> Tensor:
+        images, targets = batch
+        losses = self.model(list(images), list(targets))
+        loss = sum(losses.values())
+        if not torch.isfinite(loss):
+            terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+            raise NonFiniteLossError(
+                f"training loss is not finite at epoch {self.current_epoch}, step "
+                f"{self.global_step} ({terms}); lower --lr or check the data"
+            )
+        batch_size = len(images)
+        self.log_dict(
+            {name: value.detach() for name, value in losses.items()}, batch_size=batch_size
+        )
+        self.log("loss", loss.detach(), prog_bar=True, batch_size=batch_size)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        seconds = time.perf_counter() - self._batch_started
+        images = len(batch[0])
+        self.train_images += images
+        self.train_seconds += seconds
+        self.log("img_s", images / max(seconds, 1e-9), prog_bar=True, batch_size=images)
+
+    # -- validation -------------------------------------------------------------------------
+    def validation_step(self, batch: tuple[list[Tensor], list[dict]], batch_idx: int) -> None:
+        images, targets = batch
+        image_ids = [int(t["image_id"]) for t in targets]
+        self._val_records += predict_with_proposals(
+            self.model,
+            list(images),
+            image_ids=image_ids,
+            top_k=self.hparams.rpn_top_k,
+            nms_iou=self.hparams.rpn_nms_iou,
+        )
+
+    def on_validation_epoch_end(self) -> None:
+        records, self._val_records = self._val_records, []
+        if self.trainer.world_size > 1:
+            # Every rank scores the same full set: each image once, DistributedSampler's padded
+            # duplicates dropped by evaluate_records.
+            gathered: list[list[ImagePrediction]] = [[] for _ in range(self.trainer.world_size)]
+            torch.distributed.all_gather_object(gathered, records)
+            records = [record for part in gathered for record in part]
+        if self.trainer.sanity_checking or not records:
+            return
+        coco_gt = self.trainer.datamodule.val_dataset.coco
+        metrics = evaluate_records(coco_gt, records, score_thresh=self.hparams.score_thresh)
+        self.last_metrics = metrics
+        # NaN (e.g. no large digits -> map_large undefined) would poison checkpoint monitoring.
+        for key, value in metrics.items():
+            if not math.isnan(value):
+                # Identical on every rank; sync_dist only keeps Lightning's DDP check quiet.
+                self.log(key, value, prog_bar=key in ("map_50", "rpn_iou"), sync_dist=True)
+
+    # -- optimizer --------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if hp.optimizer == "sgd":
+            optimizer = torch.optim.SGD(
+                params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay
+            )
+        elif hp.optimizer == "adam":
+            optimizer = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        elif hp.optimizer == "adamw":
+            optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        else:
+            raise ValueError(f"unknown optimizer {hp.optimizer!r}")
+        total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
+        steps_per_epoch = max(total_steps // max(self.trainer.max_epochs or 1, 1), 1)
+        warmup = min(hp.warmup_steps, total_steps - 1) if total_steps > 1 else 0
+        milestones = [m * steps_per_epoch for m in (hp.milestones or [])]
+
+        def factor(step: int) -> float:
+            scale = 1.0
+            if warmup and step < warmup:
+                scale = (step + 1) / warmup
+            if hp.scheduler == "cosine":
+                progress = min(max(step - warmup, 0) / max(total_steps - warmup, 1), 1.0)
+                scale *= 0.5 * (1.0 + math.cos(math.pi * progress))
+            elif hp.scheduler == "step":
+                scale *= hp.gamma ** sum(step >= m for m in milestones)
+            return scale
+
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = {
+            "format": CHECKPOINT_FORMAT,
+            "config": self.hparams.run_config,
+        }
+
+
+class RandomStateCallback(L.Callback):
+    """Saves and restores the Python, NumPy and torch RNG states with each checkpoint.
+
+    Lightning restores epoch, optimizer and scheduler state on resume but not the random
+    generators; with this callback a resumed run draws the same random numbers as one that was
+    never interrupted from that checkpoint on. States are stored as plain lists and tensors so
+    checkpoints still load with ``torch.load(weights_only=True)``.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        numpy_state = np.random.get_state()
+        return {
+            "python": _to_lists(random.getstate()),
+            "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+            "torch": torch.get_rng_state(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        version, internal, gauss = state_dict["python"]
+        random.setstate((version, tuple(internal), gauss))
+        kind, keys, *rest = state_dict["numpy"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
+        torch.set_rng_state(state_dict["torch"])
+
+
+def _to_lists(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_to_lists(v) for v in value]
+    return value
+
+
+def final_metrics(module: DetectionModule) -> dict[str, float | None]:
+    """The last validation metrics under the pinned keys; NaN becomes ``None`` (JSON null)."""
+    values = {key: float(module.last_metrics.get(key, math.nan)) for key in METRIC_KEYS}
+    return {key: None if math.isnan(value) else value for key, value in values.items()}
