@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	@test -f $(DEMO_DATA)/dataset.json || $(BIN)/python -m data_gen --out $(DEMO_DATA) --config configs/demo_data.txt
+	@test -f $(DEMO_DATA)/dataset.json || $(BIN)/python -m data_gen --out $(DEMO_DATA) --train 2000 --val 250 --test 500 --quiet
 	$(BIN)/python train.py --config configs/demo.yaml --data $(DEMO_DATA) --out $(DEMO_RUNS)/baseline --no-coordconv --overwrite --quiet
 	$(BIN)/python train.py --config configs/demo.yaml --data $(DEMO_DATA) --out $(DEMO_RUNS)/coordconv --coordconv --overwrite --quiet
 	$(BIN)/python -m coorddet.evaluate --data $(DEMO_DATA) --split test --out $(DEMO_REPORT) --overwrite \

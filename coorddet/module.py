@@ -165,9 +165,17 @@ class DetectionModule(L.LightningModule):
 
     # -- checkpoints ------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        dataset = getattr(datamodule, "train_dataset", None)
         checkpoint[CHECKPOINT_KEY] = {
             "format": CHECKPOINT_FORMAT,
             "config": self.hparams.run_config,
+            # {id, name} of the training data: evaluation refuses data with other categories.
+            "categories": [
+                {"id": int(c["id"]), "name": str(c["name"])} for c in dataset.categories
+            ]
+            if dataset is not None
+            else None,
         }
 
 

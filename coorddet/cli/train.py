@@ -197,6 +197,8 @@ def _trainer(config: TrainConfig, quiet: bool) -> Any:
 def _quiet_libraries(quiet: bool) -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated.*")
+    warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
     if quiet:
         for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
             logging.getLogger(name).setLevel(logging.WARNING)
@@ -212,9 +214,10 @@ def main_unsafe(argv: Sequence[str] | None = None) -> int:
     args, overrides = parse_args(argv)
     raw = load_yaml(args.config) if args.config else {}
     config = build_config(raw, overrides)
-    _quiet_libraries(args.quiet)
 
     import lightning as L
+
+    _quiet_libraries(args.quiet)  # after the import: lightning sets its loggers' levels on import
 
     from coorddet.module import NonFiniteLossError, final_metrics
 
