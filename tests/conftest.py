@@ -1,0 +1,63 @@
+"""Shared fixtures: a tiny real dataset from the generator, and real smoke-trained checkpoints.
+
+Everything here is made by the project's own code (``data_gen.generate`` and ``train.py`` in
+a subprocess) once per test session, small enough to keep the suite fast.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from data_gen import GeneratorConfig, generate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, cwd: Path = ROOT, timeout: float = 300, env: dict | None = None):
+    """Run ``python *args`` (a project command line) and return the CompletedProcess."""
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})},
+    )
+
+
+def assert_user_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    """Exit code 2, one line on stderr naming each needle, and no traceback."""
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """40 canvases of the default 64 px, 5-digit setup: 24 train, 8 val, 8 test."""
+    out = tmp_path_factory.mktemp("data") / "mnist-det"
+    generate(GeneratorConfig(out=str(out), train=24, val=8, test=8, seed=0, workers=1))
+    return out
+
+
+@pytest.fixture(scope="session")
+def smoke_runs(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: Path) -> dict[str, Path]:
+    """Baseline and CoordConv run directories trained by ``train.py --config configs/smoke.yaml``."""
+    runs = tmp_path_factory.mktemp("runs")
+    out = {}
+    for name, flag in (("baseline", "--no-coordconv"), ("coordconv", "--coordconv")):
+        result = run_cli(
+            "train.py", "--config", "configs/smoke.yaml", "--data", str(tiny_dataset),
+            "--out", str(runs / name), flag, "--quiet",
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        out[name] = runs / name
+    return out
