@@ -24,11 +24,11 @@ from coorddet.models import build_model
 
 SWEEP: list[tuple[str, dict]] = [
     ("defaults", {}),
-    ("box_batch_size_per_image=32", {"box_batch_size_per_image": 32}),
+    ("box_batch_size_per_image=64", {"box_batch_size_per_image": 64}),
     ("box_batch_size_per_image=128", {"box_batch_size_per_image": 128}),
-    ("box_batch_size_per_image=512", {"box_batch_size_per_image": 512}),
+    ("box_batch_size_per_image=512 (torchvision)", {"box_batch_size_per_image": 512}),
     ("box_head_width=128", {"box_head_width": 128}),
-    ("box_head_width=1024", {"box_head_width": 1024}),
+    ("box_head_width=1024 (torchvision)", {"box_head_width": 1024}),
     ("sampling_ratio=1", {"sampling_ratio": 1}),
     ("sampling_ratio=0 (adaptive)", {"sampling_ratio": 0}),
     ("roi_pool=pool", {"roi_pool": "pool"}),
@@ -37,15 +37,15 @@ SWEEP: list[tuple[str, dict]] = [
         "roi_pool=align-torchvision, sampling_ratio=1",
         {"roi_pool": "align-torchvision", "sampling_ratio": 1},
     ),
-    ("roi_output_size=5", {"roi_output_size": 5}),
     ("pure-PyTorch RoIAlign (torchvision _roi_align)", {"_torch_roi_align": True}),
+    ("roi_output_size=5", {"roi_output_size": 5}),
     (
-        "rpn top-n torchvision (2000/2000 train)",
-        {"rpn_pre_nms_top_n_train": 2000, "rpn_post_nms_top_n_train": 2000},
+        "rpn top-n train 600/300",
+        {"rpn_pre_nms_top_n_train": 600, "rpn_post_nms_top_n_train": 300},
     ),
     (
-        "rpn top-n 300/150 train",
-        {"rpn_pre_nms_top_n_train": 300, "rpn_post_nms_top_n_train": 150},
+        "rpn top-n train 2000/2000 (torchvision)",
+        {"rpn_pre_nms_top_n_train": 2000, "rpn_post_nms_top_n_train": 2000},
     ),
     ("rpn_batch_size_per_image=128", {"rpn_batch_size_per_image": 128}),
 ]
@@ -92,33 +92,32 @@ def make_model(options: dict, coordconv: bool) -> nn.Module:
     return model.train()
 
 
-def compare(options: dict, args: argparse.Namespace) -> dict[str, float]:
-    """Median step seconds of baseline and CoordConv, stepped alternately."""
-    models = {arm: make_model(options, arm == "coordconv") for arm in ("baseline", "coordconv")}
+def step_times(variants: dict[str, dict], args: argparse.Namespace) -> dict[str, list[float]]:
+    """Seconds per training step for each (variant, arm), all stepped round-robin."""
+    models = {
+        (name, arm): make_model(options, arm == "coordconv")
+        for name, options in variants.items()
+        for arm in ("baseline", "coordconv")
+    }
     optimizers = {
-        arm: torch.optim.SGD(model.parameters(), lr=0.005, momentum=0.9)
-        for arm, model in models.items()
+        key: torch.optim.SGD(model.parameters(), lr=0.005, momentum=0.9)
+        for key, model in models.items()
     }
     generator = torch.Generator().manual_seed(0)
     batches = [make_batch(args.batch, args.canvas, args.boxes, generator) for _ in range(4)]
-    times: dict[str, list[float]] = {arm: [] for arm in models}
+    times: dict = {key: [] for key in models}
     for step in range(args.warmup + args.steps):
         images, targets = batches[step % len(batches)]
-        for arm, model in models.items():
+        for key, model in models.items():
             start = time.perf_counter()
             losses = model(images, targets)
             loss = sum(losses.values())
-            optimizers[arm].zero_grad(set_to_none=True)
+            optimizers[key].zero_grad(set_to_none=True)
             loss.backward()
-            optimizers[arm].step()
+            optimizers[key].step()
             if step >= args.warmup:
-                times[arm].append(time.perf_counter() - start)
-    base, coord = (statistics.median(times[arm]) for arm in ("baseline", "coordconv"))
-    return {
-        "baseline_img_per_s": args.batch / base,
-        "coordconv_img_per_s": args.batch / coord,
-        "coordconv_step_ratio": coord / base,
-    }
+                times[key].append(time.perf_counter() - start)
+    return times
 
 
 def parse_value(text: str):
@@ -134,8 +133,13 @@ def parse_value(text: str):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a build_model option (lists: a,b,c); repeatable")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a build_model option (lists: a,b,c); repeatable",
+    )
     parser.add_argument("--sweep", action="store_true", help="run the lever sweep")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
@@ -148,14 +152,19 @@ def main() -> None:
     base = dict(kv.split("=", 1) for kv in args.set)
     base = {key: parse_value(value) for key, value in base.items()}
     runs = SWEEP if args.sweep else [("options " + (" ".join(args.set) or "default"), {})]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
-          f"{args.canvas}px, median of {args.steps} steps after {args.warmup}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
+        f"{args.canvas}px, median of {args.steps} round-robin steps after {args.warmup}"
+    )
+    times = step_times({name: {**base, **options} for name, options in runs}, args)
     print(f"{'variant':50s} {'baseline img/s':>15s} {'coordconv img/s':>16s} {'ratio':>7s}")
-    for name, options in runs:
-        result = compare({**base, **options}, args)
-        print(f"{name:50s} {result['baseline_img_per_s']:15.1f} "
-              f"{result['coordconv_img_per_s']:16.1f} {result['coordconv_step_ratio']:7.3f}",
-              flush=True)
+    for name, _ in runs:
+        base_s = statistics.median(times[name, "baseline"])
+        coord_s = statistics.median(times[name, "coordconv"])
+        print(
+            f"{name:50s} {args.batch / base_s:15.1f} {args.batch / coord_s:16.1f} "
+            f"{coord_s / base_s:7.3f}"
+        )
 
 
 if __name__ == "__main__":

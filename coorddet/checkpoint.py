@@ -2,24 +2,32 @@
 
 Checkpoints are Lightning checkpoints with an extra ``"coorddet"`` entry (the resolved run
 config and the training categories; see :class:`coorddet.module.DetectionModule`). They hold
-plain data and tensors only, so they load with ``torch.load(weights_only=True)``, which cannot
-run code. ``trust=True`` (``--trust-checkpoint``) lifts that restriction for files the user
-vouches for.
+plain data and tensors only, so they load with ``torch.load(weights_only=True)``, whose
+unpickler refuses every Python global and so cannot run code. ``trust=True``
+(``--trust-checkpoint``) lifts that restriction for files the user vouches for: loading such a
+file runs whatever it was crafted to run.
 """
 
 from __future__ import annotations
 
 import pickle
-import zipfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torchvision.models.detection import FasterRCNN
 
 from coorddet.errors import UserError
-from coorddet.module import CHECKPOINT_KEY
+
+if TYPE_CHECKING:  # torchvision loads only when a model is built: failed loads stay quick
+    from torchvision.models.detection import FasterRCNN
+
+_UNREADABLE = "not a readable checkpoint: corrupt, truncated or not a PyTorch file"
+# torch's weights-only unpickler, refusing a Python object (not a malformed stream): a global
+# function or class, a call, an instance
+_REFUSED_MARKERS = ("GLOBAL", "reduce for unrecognized function", "Can only create new object",
+                    "Can only build")  # fmt: skip
 
 
 @dataclass
@@ -34,42 +42,101 @@ class LoadedCheckpoint:
         return str(self.config.get("name") or Path(self.path).stem)
 
     @property
+    def seed(self) -> Any:
+        return self.config.get("seed")
+
+    @property
     def coordconv(self) -> bool:
-        return bool(self.config.get("model", {}).get("coordconv"))
+        return bool(self.config["model"].get("coordconv"))
+
+    def check_categories(self, categories: list[dict[str, Any]], where: str) -> None:
+        """UserError unless the ``categories`` (COCO ``{id, name}``) of the data at ``where`` are
+        the ones the model was trained on, ids and names."""
+        data = {int(c["id"]): str(c["name"]) for c in categories}
+        if self.categories is not None:
+            trained = {int(c["id"]): str(c["name"]) for c in self.categories}
+            differ = sorted(
+                i for i in trained.keys() | data.keys() if trained.get(i) != data.get(i)
+            )
+            if differ:
+                shown = "; ".join(
+                    f"id {i}: {trained.get(i, '-')!r} vs {data.get(i, '-')!r}" for i in differ[:3]
+                )
+                more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
+                raise UserError(
+                    f"{self.path}: categories differ between its training data and {where} "
+                    f"({shown}{more}); evaluate on data with the same categories"
+                )
+        num_classes = int(self.config["model"].get("num_classes", 0))
+        if max(data) >= num_classes:
+            raise UserError(
+                f"{self.path}: its model has {num_classes - 1} classes but {where} uses "
+                f"category id {max(data)}"
+            )
+
+    def describe(self, image_sizes: set[tuple[int, int]]) -> str:
+        """``CoordConv, seed 0``, plus a note when the model resizes images of these
+        ``(width, height)`` sizes (it was built for square ``canvas_size`` canvases)."""
+        text = f"{'CoordConv' if self.coordconv else 'no CoordConv'}, seed {self.seed}"
+        canvas = self.config["model"].get("canvas_size")
+        if canvas is not None and image_sizes != {(canvas, canvas)}:
+            shown = ", ".join(f"{w}x{h}" for w, h in sorted(image_sizes)[:3])
+            text += f"; trained on {canvas} px canvases, so it resizes these {shown} images"
+        return text
 
     def build_model(self) -> FasterRCNN:
+        """The detector of the run config with the checkpoint's weights, in eval mode."""
         from coorddet.models import build_model
 
         try:
             model = build_model(**self.config["model"])
             model.load_state_dict(self.state_dict)
         except (TypeError, ValueError, RuntimeError, KeyError) as error:
-            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise UserError(f"{self.path}: cannot rebuild its model: {first}") from None
+            raise UserError(
+                f"{self.path}: cannot rebuild its model: {_first_line(error)}"
+            ) from None
         return model.eval()
 
 
 def load_checkpoint(path: str | Path, *, trust: bool = False) -> LoadedCheckpoint:
-    """Read ``path``; one-line :class:`UserError` for missing, corrupt or foreign files."""
+    """Read ``path``; one-line :class:`UserError` for missing, corrupt, unsafe or foreign files."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=not trust)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": one stderr line
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as error:
-        if not trust and "weights_only" in str(error):
+        if not trust and any(marker in str(error) for marker in _REFUSED_MARKERS):
             raise UserError(
-                f"{path}: refused, it holds Python objects that could run code when loaded; "
-                "if you trust this file, pass --trust-checkpoint"
+                f"{path}: refused, it holds Python objects or pickle code that could run when "
+                "loaded; pass --trust-checkpoint only if you trust this file"
             ) from None
-        raise UserError(f"{path}: not a readable checkpoint (corrupt or truncated)") from None
-    except (EOFError, RuntimeError, zipfile.BadZipFile, OSError, ValueError):
-        raise UserError(f"{path}: not a readable checkpoint (corrupt or truncated)") from None
+        raise UserError(f"{path}: {_UNREADABLE} ({_first_line(error)})") from None
+    except Exception as error:  # noqa: BLE001 - any parse failure of a user's file is their error
+        # weights_only raises e.g. KeyError on text files, RuntimeError on cut zip archives,
+        # EOFError on cut pickles; a trusted unpickle can raise anything.
+        raise UserError(f"{path}: {_UNREADABLE} ({_first_line(error)})") from None
+    from coorddet.module import CHECKPOINT_KEY  # imports lightning: only after a good load
+
     entry = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
-    if not isinstance(entry, dict) or not isinstance(entry.get("config"), dict):
+    config = entry.get("config") if isinstance(entry, dict) else None
+    if not isinstance(config, dict):
         raise UserError(f"{path}: not a coorddet checkpoint (written by train.py)")
+    if not isinstance(config.get("model"), dict):
+        raise UserError(f"{path}: its coorddet config has no 'model' section")
     state = checkpoint.get("state_dict")
     if not isinstance(state, dict):
         raise UserError(f"{path}: checkpoint has no model weights")
     weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
-    return LoadedCheckpoint(path, entry["config"], entry.get("categories"), weights)
+    categories = entry.get("categories")
+    return LoadedCheckpoint(
+        path, config, categories if isinstance(categories, list) else None, weights
+    )
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    first = text.splitlines()[0].split(". ")[0] if text else ""  # torch appends advice
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__

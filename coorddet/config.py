@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from coorddet.errors import UserError
 
 OPTIMIZERS = ("sgd", "adamw", "adam")
 SCHEDULERS = ("cosine", "step", "none")
+MAX_SEED = 2**32 - 1  # what numpy (and so seed_everything) accepts
 
 
 @dataclass
@@ -158,13 +160,15 @@ def build_config(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -
     config = TrainConfig()
     for key in ("name", "out"):
         if merged.get(key) is not None:
-            config.__setattr__(key, _check(key, merged[key], str))
+            setattr(config, key, _check(key, merged[key], str))
     if "seed" in merged:
         config.seed = _check("seed", merged["seed"], int)
     for section, cls in _SECTIONS.items():
         setattr(config, section, _build_section(section, cls, merged.get(section)))
-    config.model = _build_model_section(merged.get("model"))
     _validate(config)
+    # Last: the model's defaults come from build_model, whose import (torchvision) takes
+    # seconds; mistakes in the other sections are reported before it.
+    config.model = _build_model_section(merged.get("model"))
     return config
 
 
@@ -178,9 +182,7 @@ def _build_section(section: str, cls: type, values: Any) -> Any:
     kwargs = {}
     for key, value in values.items():
         if key not in hints:
-            raise UserError(
-                f"unknown config key '{section}.{key}' (valid: {', '.join(names)})"
-            )
+            raise UserError(f"unknown config key '{section}.{key}' (valid: {', '.join(names)})")
         kwargs[key] = _check(f"{section}.{key}", value, hints[key])
     return cls(**kwargs)
 
@@ -198,11 +200,11 @@ def _build_model_section(values: Any) -> dict[str, Any]:
                 f"unknown config key 'model.{key}' (valid: {', '.join(sorted(defaults))})"
             )
         default = defaults[key]
-        if default is None or isinstance(value, type(default)):
+        if default is None:  # e.g. anchor_sizes: build_model checks these itself
             resolved[key] = value
         elif isinstance(default, (list, tuple)):
             resolved[key] = list(_check(f"model.{key}", value, list))
-        else:
+        else:  # through _check, so that `true` is not taken for an int
             resolved[key] = _check(f"model.{key}", value, type(default))
     # Plain data only: tuples become lists so config.yaml and checkpoints stay simple.
     return {k: list(v) if isinstance(v, tuple) else v for k, v in resolved.items()}
@@ -225,7 +227,9 @@ def _check(key: str, value: Any, expected: Any) -> Any:
         if not isinstance(value, (list, tuple)):
             raise UserError(f"config key '{key}' must be a list, got {value!r}")
         (item_type,) = typing.get_args(expected) or (object,)
-        return [value_ if item_type is object else _check(key, value_, item_type) for value_ in value]
+        return [
+            value_ if item_type is object else _check(key, value_, item_type) for value_ in value
+        ]
     if expected is bool:
         if isinstance(value, bool):
             return value
@@ -252,40 +256,80 @@ def _check(key: str, value: Any, expected: Any) -> Any:
 
 
 def _validate(config: TrainConfig) -> None:
-    positive = {
-        "data.batch_size": config.data.batch_size,
-        "trainer.max_epochs": config.trainer.max_epochs,
-        "trainer.num_nodes": config.trainer.num_nodes,
-        "eval.rpn_top_k": config.eval.rpn_top_k,
+    at_least = {
+        "data.batch_size": (config.data.batch_size, 1),
+        "data.num_workers": (config.data.num_workers, 0),
+        "trainer.max_epochs": (config.trainer.max_epochs, 1),
+        "trainer.num_nodes": (config.trainer.num_nodes, 1),
+        "trainer.log_every_n_steps": (config.trainer.log_every_n_steps, 1),
+        "trainer.check_val_every_n_epoch": (config.trainer.check_val_every_n_epoch, 1),
+        "trainer.gradient_clip_val": (config.trainer.gradient_clip_val, 0),
+        "optim.momentum": (config.optim.momentum, 0),
+        "optim.weight_decay": (config.optim.weight_decay, 0),
+        "optim.warmup_steps": (config.optim.warmup_steps, 0),
+        "eval.rpn_top_k": (config.eval.rpn_top_k, 1),
+        "seed": (config.seed, 0),
     }
-    for key, value in positive.items():
-        if value < 1:
-            raise UserError(f"config key '{key}' must be >= 1, got {value}")
-    if config.data.num_workers < 0:
-        raise UserError(f"config key 'data.num_workers' must be >= 0, got {config.data.num_workers}")
-    if config.optim.lr <= 0:
-        raise UserError(f"config key 'optim.lr' must be > 0, got {config.optim.lr}")
-    if config.optim.optimizer not in OPTIMIZERS:
+    for key, (value, low) in at_least.items():
+        if not value >= low or not math.isfinite(value):  # `not >=` also refuses NaN
+            raise UserError(f"config key '{key}' must be >= {low}, got {value}")
+    if config.seed > MAX_SEED:
+        raise UserError(f"config key 'seed' must be <= {MAX_SEED}, got {config.seed}")
+    for key in ("lr", "gamma"):
+        value = getattr(config.optim, key)
+        if not (value > 0 and math.isfinite(value)):
+            raise UserError(f"config key 'optim.{key}' must be a finite number > 0, got {value}")
+    if any(m < 0 for m in config.optim.milestones):
         raise UserError(
-            f"config key 'optim.optimizer' must be one of {', '.join(OPTIMIZERS)}, "
-            f"got {config.optim.optimizer!r}"
+            f"config key 'optim.milestones' must be epochs >= 0, got {config.optim.milestones}"
         )
-    if config.optim.scheduler not in SCHEDULERS:
-        raise UserError(
-            f"config key 'optim.scheduler' must be one of {', '.join(SCHEDULERS)}, "
-            f"got {config.optim.scheduler!r}"
-        )
+    _check_choice("optim.optimizer", config.optim.optimizer, OPTIMIZERS)
+    _check_choice("optim.scheduler", config.optim.scheduler, SCHEDULERS)
     for key in ("limit_train_batches", "limit_val_batches"):
         value = getattr(config.trainer, key)
-        if value <= 0 or (isinstance(value, float) and value > 1.0):
+        if not (value >= 1 if isinstance(value, int) else 0.0 < value <= 1.0):
             raise UserError(
                 f"config key 'trainer.{key}' must be a fraction in (0, 1] or a batch count >= 1,"
                 f" got {value}"
             )
+    _check_devices(config.trainer.devices)
+    strategy = config.trainer.strategy
+    if "spawn" in strategy or "fork" in strategy:
+        # Those run training in child processes: the launching one, which writes metrics.json,
+        # would never see the results.
+        raise UserError(
+            f"config key 'trainer.strategy' {strategy!r} is not supported by train.py; "
+            "use ddp (it launches one process per device itself)"
+        )
+    if config.trainer.precision in ("16-true", "bf16-true"):
+        raise UserError(
+            f"config key 'trainer.precision' {config.trainer.precision!r} is not supported: "
+            "torchvision's detection ops need float32; use bf16-mixed or 16-mixed"
+        )
     for key in ("score_thresh", "rpn_nms_iou"):
         value = getattr(config.eval, key)
         if not 0.0 <= value <= 1.0:
             raise UserError(f"config key 'eval.{key}' must be in [0, 1], got {value}")
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UserError(f"config key '{key}' must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _check_devices(devices: int | str) -> None:
+    """Lightning's forms: a count >= 1, -1 or "auto" (all), or a list of indices like "0,1"."""
+    if isinstance(devices, int):
+        ok = devices >= 1 or devices == -1
+    else:
+        text = devices.strip()
+        parts = [part.strip() for part in text.split(",") if part.strip()]
+        ok = text in ("auto", "-1") or (bool(parts) and all(part.isdigit() for part in parts))
+    if not ok:
+        raise UserError(
+            f"config key 'trainer.devices' must be a count >= 1, -1, auto or a list like 0,1;"
+            f" got {devices!r}"
+        )
 
 
 def _deep_copy(value: Any) -> Any:

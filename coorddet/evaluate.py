@@ -2,7 +2,7 @@
 
     python -m coorddet.evaluate --data DIR --split test CKPT [CKPT ...] --out REPORT_DIR
 
-writes into ``REPORT_DIR`` (built in a temporary folder and moved into place whole):
+writes into ``REPORT_DIR`` (built in a hidden sibling folder and moved into place whole):
 
 - ``metrics.json``: ``{run_name: {metric: value}}`` (``null`` where undefined);
 - ``predictions_<run_name>.json``: detections in the COCO results format;
@@ -11,17 +11,19 @@ writes into ``REPORT_DIR`` (built in a temporary folder and moved into place who
 - with ``--group``: ``groups.json``, ``{name: {metric: {mean, std, ci95, n}}}`` over seeds.
 
 Run names come from each checkpoint's config (``baseline``, ``coordconv``); clashing names get
-the seed appended (``baseline-s1``). ``--predictions FILE --name NAME`` adds detections from any
-other detector in the COCO results format.
+the seed appended (``baseline-s1``), then a counter. The baseline is the first checkpoint
+without CoordConv. ``--predictions FILE --name NAME`` adds detections from any other detector in
+the COCO results format; images it has no detections for count as misses.
+
+Cheap checks (flags, paths, JSON) run before torch is imported, so mistakes fail fast.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import sys
+import re
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,9 @@ from coorddet.config import EvalConfig
 from coorddet.errors import UserError
 
 PLOT_SAMPLES = 6  # canvases drawn in detections.png
+PLOTS = ("detections.png", "iou_distribution.png")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")  # run names become file names
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
 def parse_args(argv: Sequence[str] | None) -> Any:
@@ -53,7 +58,7 @@ def parse_args(argv: Sequence[str] | None) -> Any:
     add("--group", action="store_true", help="aggregate runs with the same name (seeds) into "
         "mean, std and a 95%% confidence interval")  # fmt: skip
     add("--batch-size", type=int, default=64, help="images per inference batch (default: 64)")
-    add("--device", default="auto", help="cpu, cuda, cuda:1, or auto (default: %(default)s)")
+    add("--device", default="auto", help="cpu, cuda, cuda:1, mps, or auto (default: %(default)s)")
     add("--score-thresh", type=float, default=defaults.score_thresh,
         help="detections counted by det_iou and gt_iou (default: %(default)s)")  # fmt: skip
     add("--rpn-top-k", type=int, default=defaults.rpn_top_k,
@@ -63,39 +68,118 @@ def parse_args(argv: Sequence[str] | None) -> Any:
     add("--trust-checkpoint", action="store_true", help="allow checkpoints that hold Python "
         "objects (can run code when loaded); only for files you trust")  # fmt: skip
     add("--overwrite", action="store_true", help="replace a non-empty REPORT_DIR")
-    add("--quiet", action="store_true", help="no progress bar")
+    add("--quiet", action="store_true", help="no progress bar or timing lines")
     args = parser.parse_args(argv)
     if not args.checkpoints and not args.predictions:
         parser.error("give at least one CKPT or --predictions FILE.json")
     if len(args.name) != len(args.predictions):
         parser.error("give one --name for each --predictions file")
-    if args.batch_size < 1 or args.rpn_top_k < 1:
-        parser.error("--batch-size and --rpn-top-k must be >= 1")
-    for flag, value in (("--score-thresh", args.score_thresh), ("--rpn-nms-iou", args.rpn_nms_iou)):
-        if not 0.0 <= value <= 1.0:
-            parser.error(f"{flag} must be in [0, 1], got {value}")
+    for name in args.name:
+        if not NAME_PATTERN.fullmatch(name):
+            parser.error(f"--name {name!r}: use letters, digits and . _ + - (it names a file)")
+    for flag, value in (("--batch-size", args.batch_size), ("--rpn-top-k", args.rpn_top_k)):
+        if value < 1:
+            parser.error(f"{flag} must be >= 1, got {value}")
+    if not 0.0 <= args.score_thresh <= 1.0:
+        parser.error(f"--score-thresh must be in [0, 1], got {args.score_thresh}")
+    if not 0.0 < args.rpn_nms_iou <= 1.0:
+        parser.error(f"--rpn-nms-iou must be in (0, 1], got {args.rpn_nms_iou}")
+    if not DEVICE_PATTERN.fullmatch(args.device):
+        parser.error(f"--device {args.device!r}: expected cpu, cuda, cuda:N, mps or auto")
     return args
 
 
-def _check_categories(loaded: Any, dataset: Any) -> None:
-    data_cats = {int(c["id"]): str(c["name"]) for c in dataset.categories}
-    if loaded.categories is not None:
-        trained = {int(c["id"]): str(c["name"]) for c in loaded.categories}
-        if trained != data_cats:
+def _check_out(args: Any) -> Path:
+    """The report folder, if it may be written: never a file, never a folder holding inputs."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a report folder; choose another --out")
+    if out.is_dir() and any(out.iterdir()):
+        if not args.overwrite:
             raise UserError(
-                f"{loaded.path}: trained on categories {sorted(trained.items())[:10]} but "
-                f"{dataset.root} has {sorted(data_cats.items())[:10]}"
+                f"report folder {out} exists and is not empty; pass --overwrite or --out"
             )
-    num_classes = int(loaded.config["model"].get("num_classes", 0))
-    if max(data_cats) >= num_classes:
+        resolved = out.resolve()
+        for source in [args.data, *args.checkpoints, *args.predictions]:
+            path = Path(source).resolve()
+            if path == resolved or resolved in path.parents:
+                raise UserError(
+                    f"--out {out} holds the input {source}; --overwrite would delete it"
+                )
+    return out
+
+
+def _read_predictions_json(path: str) -> Any:
+    try:
+        with open(path, "rb") as handle:
+            return json.load(handle)
+    except OSError as error:
+        raise UserError(f"--predictions {path}: {error.strerror or error}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"--predictions {path}: not valid JSON ({error})") from None
+
+
+def _outside_records(results: Any, path: str, dataset: Any) -> list[Any]:
+    """COCO results (parsed JSON) -> records; UserError naming the file for a malformed entry,
+    or an image or category id that ``dataset`` does not have."""
+    from coorddet.metrics import records_from_coco_results
+
+    try:
+        records = records_from_coco_results(results)
+    except UserError as error:
+        raise UserError(f"--predictions {path}: {error}") from None
+    unknown = sorted({r.image_id for r in records} - set(dataset.image_ids))
+    if unknown:
+        where = f"{dataset.root} split {dataset.split}"
+        raise UserError(f"--predictions {path}: image ids not in {where}: {_listing(unknown)}")
+    categories = {int(c["id"]) for c in dataset.categories}
+    labels = {int(label) for r in records for label in r.labels.tolist()}
+    if labels - categories:
         raise UserError(
-            f"{loaded.path}: model has {num_classes - 1} classes but the dataset uses category id "
-            f"{max(data_cats)}"
+            f"--predictions {path}: category ids not in the dataset: "
+            f"{_listing(sorted(labels - categories))} (it has {_listing(sorted(categories))})"
         )
+    return records
+
+
+def _listing(values: Sequence[Any], limit: int = 10) -> str:
+    shown = ", ".join(map(str, values[:limit]))
+    return shown + (f", ... ({len(values)} in all)" if len(values) > limit else "")
+
+
+def _open_dataset(data: str, split: str) -> Any:
+    from coorddet.data import CocoDetection, annotation_file
+
+    root = Path(data)
+    if root.is_dir() and not annotation_file(root, split).is_file():
+        found = sorted(p.stem.removeprefix("instances_") for p in root.glob("annotations/*.json"))
+        if found:
+            raise UserError(
+                f"--split {split}: {root} has no annotations/instances_{split}.json "
+                f"(splits there: {', '.join(found)})"
+            )
+    return CocoDetection(root, split)
+
+
+def _device(text: str) -> Any:
+    import torch
+
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(text)
+    if device.type == "cuda" and (
+        not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()
+    ):
+        raise UserError(f"--device {text}: no such CUDA device here; use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {text}: MPS is not available here; use --device cpu")
+    return device
 
 
 def _predict(model: Any, dataset: Any, args: Any, device: Any, label: str) -> list[Any]:
+    """Records (detections + paper proposals) for every image of ``dataset``."""
     import torch
+    from rich.console import Console
     from rich.progress import Progress
     from torch.utils.data import DataLoader
 
@@ -105,7 +189,10 @@ def _predict(model: Any, dataset: Any, args: Any, device: Any, label: str) -> li
     loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate_detection)
     model.to(device)
     records = []
-    with Progress(disable=args.quiet, transient=True) as progress, torch.inference_mode():
+    started = time.perf_counter()
+    console = Console(stderr=True)  # stdout keeps only the results; no bar in CI logs
+    bar = Progress(console=console, disable=args.quiet or not console.is_terminal, transient=True)
+    with bar as progress, torch.inference_mode():
         task = progress.add_task(f"{label}: inference", total=len(dataset))
         for images, targets in loader:
             records += predict_with_proposals(
@@ -116,78 +203,73 @@ def _predict(model: Any, dataset: Any, args: Any, device: Any, label: str) -> li
                 nms_iou=args.rpn_nms_iou,
             )
             progress.advance(task, len(images))
+    seconds = time.perf_counter() - started
+    if not args.quiet:
+        print(f"{label}: {len(dataset)} images in {seconds:.1f} s "
+              f"({len(dataset) / seconds:.1f} img/s, batch {args.batch_size}, {device})")  # fmt: skip
     return records
 
 
-def _read_predictions(path: str) -> list[dict[str, Any]]:
-    try:
-        with open(path) as handle:
-            results = json.load(handle)
-    except OSError as error:
-        raise UserError(f"--predictions {path}: {error.strerror or error}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UserError(f"--predictions {path}: not valid JSON ({error})") from None
-    if not isinstance(results, list):
-        raise UserError(f"--predictions {path}: expected a JSON list of detections")
-    return results
-
-
-def _unique_name(name: str, seed: Any, taken: set[str]) -> str:
-    candidates = [name, f"{name}-s{seed}"] + [f"{name}-{i}" for i in range(2, 10_000)]
-    return next(c for c in candidates if c not in taken)
+def _unique_name(name: str, seed: Any, taken: Sequence[str]) -> str:
+    suffixes = ([f"-s{seed}"] if seed is not None else []) + [f"-{i}" for i in range(2, 10_000)]
+    return next(c for c in [name, *(name + s for s in suffixes)] if c not in taken)
 
 
 def _json_ready(metrics: dict[str, float]) -> dict[str, float | None]:
     return {k: None if v is None or math.isnan(v) else float(v) for k, v in metrics.items()}
 
 
-def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n")
+def evaluate(args: Any) -> tuple[Path, dict[str, Any]]:
+    """Score every checkpoint and predictions file, write the report.
 
-
-def evaluate(args: Any) -> Path:
-    """Score every checkpoint and predictions file, write the report; return its folder."""
-    import torch
+    Returns the report folder and ``{"metrics", "baseline", "compared", "groups",
+    "group_baseline"}`` for the console summary.
+    """
+    out = _check_out(args)
+    outside = [_read_predictions_json(path) for path in args.predictions]
+    for path in args.checkpoints:
+        if not Path(path).is_file():
+            raise UserError(f"checkpoint not found: {path}")
+    if not Path(args.data).is_dir():
+        raise UserError(
+            f"--data {args.data}: dataset folder not found; create one with "
+            f"`python -m data_gen --out {args.data}`"
+        )
 
     from coorddet.checkpoint import load_checkpoint
-    from coorddet.data import CocoDetection
-    from coorddet.metrics import (
-        evaluate_records,
-        ground_truth,
-        per_gt_ious,
-        records_from_coco_results,
-        to_coco_results,
-    )
-    from coorddet.plots import plot_detections, plot_iou_distribution
-    from coorddet.report import aggregate_groups, render_report
 
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
-        raise UserError(f"report folder {out} exists and is not empty; pass --overwrite or --out")
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    )
+    device = _device(args.device)
     loaded = [load_checkpoint(path, trust=args.trust_checkpoint) for path in args.checkpoints]
-    outside = [_read_predictions(path) for path in args.predictions]
-    dataset = CocoDetection(args.data, args.split)
+
+    from coorddet.metrics import evaluate_records, ground_truth, per_gt_ious, to_coco_results
+    from coorddet.plots import plot_detections, plot_iou_distribution
+    from coorddet.report import aggregate_groups, render_report, staged_dir, write_json
+
+    dataset = _open_dataset(args.data, args.split)
     for checkpoint in loaded:
-        _check_categories(checkpoint, dataset)
+        checkpoint.check_categories(dataset.categories, f"{dataset.root} split {dataset.split}")
+    outside_records = [
+        _outside_records(results, path, dataset)
+        for results, path in zip(outside, args.predictions, strict=True)
+    ]
 
     runs: dict[str, list[Any]] = {}
     sources: dict[str, str] = {}
     groups: dict[str, list[str]] = {}
     baseline = None
+    sizes = {(image["width"], image["height"]) for image in dataset.coco.imgs.values()}
     for checkpoint in loaded:
-        name = _unique_name(checkpoint.name, checkpoint.config.get("seed"), set(runs))
+        group = re.sub(r"[^A-Za-z0-9._+-]+", "_", checkpoint.name).lstrip("._-") or "run"
+        name = _unique_name(group, checkpoint.seed, list(runs))
         runs[name] = _predict(checkpoint.build_model(), dataset, args, device, name)
-        sources[name] = str(checkpoint.path)
-        groups.setdefault(checkpoint.name, []).append(name)
+        sources[name] = f"`{checkpoint.path}` ({checkpoint.describe(sizes)})"
+        groups.setdefault(group, []).append(name)
         if baseline is None and not checkpoint.coordconv:
             baseline = name
-    for results, path, given in zip(outside, args.predictions, args.name, strict=True):
-        name = _unique_name(given, "x", set(runs))
-        runs[name] = records_from_coco_results(results)
-        sources[name] = f"{path} (outside predictions)"
+    for records, path, given in zip(outside_records, args.predictions, args.name, strict=True):
+        name = _unique_name(given, None, list(runs))
+        runs[name] = records
+        sources[name] = f"`{path}` (outside predictions)"
         groups.setdefault(given, []).append(name)
 
     ids = dataset.image_ids
@@ -198,14 +280,16 @@ def evaluate(args: Any) -> Path:
         )
         for name, records in runs.items()
     }
+    aggregated = aggregate_groups(metrics, groups) if args.group else None
+    group_baseline = next((g for g, names in groups.items() if baseline in names), None)
+    compared = [name for name in runs if name != baseline]
 
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        _write_json(tmp / "metrics.json", metrics)
+    with staged_dir(out) as tmp:
+        write_json(tmp / "metrics.json", metrics)
         for name, records in runs.items():
-            _write_json(tmp / f"predictions_{name}.json", to_coco_results(records))
+            write_json(tmp / f"predictions_{name}.json", to_coco_results(records))
+        if aggregated is not None:
+            write_json(tmp / "groups.json", aggregated)
         sample = ids[:: max(len(ids) // PLOT_SAMPLES, 1)][:PLOT_SAMPLES]
         index = {image_id: i for i, image_id in enumerate(ids)}
         by_id = {name: {r.image_id: r for r in records} for name, records in runs.items()}
@@ -213,7 +297,7 @@ def evaluate(args: Any) -> Path:
             [(dataset[index[i]][0][0] * 255).round().byte().numpy() for i in sample],
             [gts[i] for i in sample],
             {n: [by_id[n].get(i) or _no_detections(i) for i in sample] for n in runs},
-            tmp / "detections.png",
+            tmp / PLOTS[0],
             score_thresh=args.score_thresh,
             categories={int(c["id"]): str(c["name"]) for c in dataset.categories},
         )
@@ -222,17 +306,12 @@ def evaluate(args: Any) -> Path:
                 name: per_gt_ious(records, gts, score_thresh=args.score_thresh).numpy()
                 for name, records in runs.items()
             },
-            tmp / "iou_distribution.png",
+            tmp / PLOTS[1],
         )
-        aggregated = None
-        if args.group:
-            aggregated = aggregate_groups(metrics, groups)
-            _write_json(tmp / "groups.json", aggregated)
-        group_baseline = next((g for g, names in groups.items() if baseline in names), None)
         report = render_report(
             runs=metrics,
             baseline=baseline,
-            coordconv_runs=[n for n in runs if n != baseline],
+            compared=compared,
             sources=sources,
             data=str(args.data),
             split=args.split,
@@ -243,15 +322,11 @@ def evaluate(args: Any) -> Path:
             },
             groups=aggregated,
             group_baseline=group_baseline,
-            plots=["detections.png", "iou_distribution.png"],
+            plots=PLOTS,
         )
         (tmp / "report.md").write_text(report)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    summary = {"metrics": metrics, "baseline": baseline, "compared": compared}
+    return out, {**summary, "groups": aggregated, "group_baseline": group_baseline}
 
 
 def _no_detections(image_id: int) -> Any:
@@ -267,15 +342,18 @@ def _no_detections(image_id: int) -> Any:
 
 def main_unsafe(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    out = evaluate(args)
-    report = (out / "report.md").read_text()
-    table = report.split("## Runs", 1)[1] if "## Runs" in report else report
-    if args.group and "## Seeds aggregated" in report:
-        table = report.split("## Seeds aggregated", 1)[1].split("## Plots", 1)[0]
-    print(table.split("## Plots", 1)[0].strip())
-    print(f"\nreport: {out / 'report.md'}")
-    print(f"plots:  {out / 'detections.png'}, {out / 'iou_distribution.png'}")
-    print(f"metrics: {out / 'metrics.json'}", file=sys.stdout)
+    out, summary = evaluate(args)
+
+    from coorddet.report import group_table, metrics_table
+
+    lines = metrics_table(summary["metrics"], summary["baseline"], summary["compared"])
+    if summary["groups"]:
+        lines += ["", "seeds aggregated: mean ± std [95% CI] (n)"]
+        lines += group_table(summary["groups"], summary["group_baseline"])
+    print("\n".join(lines))
+    print(f"\nreport:  {out / 'report.md'}")
+    print(f"plots:   {', '.join(str(out / plot) for plot in PLOTS)}")
+    print(f"metrics: {out / 'metrics.json'}")
     return 0
 
 

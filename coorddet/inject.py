@@ -11,11 +11,13 @@ size. So that a pixel's coordinates do not depend on its batch-mates, a forward 
 ``model.transform`` writes each image's real (height, width) as a fraction of the padded batch
 into one small CPU tensor that every image-aligned injected layer shares (its
 ``image_extent``); a forward pre-hook on ``model.roi_heads`` empties it again once the
-backbone and RPN are done. Layers
-derive their stride from their own map size, so the same tensor serves every level. Both hooks
-are plain TorchScript-compatible functions: ``torch.jit.script`` of an injected model works
-and keeps the per-image extents. Because the tensor is per model, concurrent forwards of one
-model object from several threads are not supported (neither are they by autograd state).
+backbone and RPN are done. Layers derive their stride from their own map size, so the one
+tensor serves every level; coordinates span each image and are 0 on its padding. The tensor is
+a plain attribute (``coordconv_image_extent`` on ``model.transform`` and ``model.roi_heads``),
+not a buffer: not in the ``state_dict``, not moved by ``.to()``; ``copy.deepcopy`` and
+``torch.save`` keep it shared within the copy. Both hooks are TorchScript-compatible
+functions: ``torch.jit.script`` of an injected model works and keeps the per-image extents.
+One model object must not run forwards from several threads at once (they would share it).
 """
 
 from __future__ import annotations
@@ -86,6 +88,18 @@ def _conv_names(modules: dict[str, nn.Module], root: str, exclude: str | None = 
     ]
 
 
+def check_sites(sites: Iterable[str] | str) -> list[str]:
+    """``sites`` as a list (a single name may be a string); ``ValueError`` on unknown names."""
+    site_list = [sites] if isinstance(sites, str) else list(sites)
+    unknown = [site for site in site_list if site not in SITES]
+    if unknown:
+        raise ValueError(
+            f"unknown CoordConv site(s) {', '.join(map(repr, unknown))}; "
+            f"valid sites: {', '.join(SITES)}"
+        )
+    return site_list
+
+
 def site_modules(model: FasterRCNN, site: str) -> list[str]:
     """Qualified names of the convs (plain or already CoordConv) at ``site``, model order."""
     if site not in SITES:
@@ -143,13 +157,7 @@ def inject_coordconv(
         ValueError: an unknown site name (the message lists the valid ones), or a site with
             no conv in this model.
     """
-    site_list = [sites] if isinstance(sites, str) else list(sites)
-    unknown = [site for site in site_list if site not in SITES]
-    if unknown:
-        raise ValueError(
-            f"unknown CoordConv site(s) {', '.join(map(repr, unknown))}; "
-            f"valid sites: {', '.join(SITES)}"
-        )
+    site_list = check_sites(sites)
     chosen: dict[str, bool] = {}  # name -> image-aligned (False for RoI-head convs)
     for site in site_list:
         names = site_modules(model, site)

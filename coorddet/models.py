@@ -12,13 +12,14 @@ weights everywhere except the (zero) coordinate weights.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 import os
+from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torchvision.models import MobileNet_V3_Large_Weights, ResNet50_Weights
+from torchvision.models import MobileNet_V3_Large_Weights, ResNet50_Weights, WeightsEnum
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import mobilenet_backbone, resnet_fpn_backbone
@@ -27,35 +28,46 @@ from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 
-from coorddet.inject import DEFAULT_SITES, inject_coordconv
+from coorddet.inject import DEFAULT_SITES, check_sites, inject_coordconv
 from coorddet.poolers import MatmulRoIAlign, SingleMapRoIPool
 
-BACKBONES = ("mnist-small", "resnet50-fpn", "mobilenet-v3-fpn")
 ROI_POOLS = ("align", "align-torchvision", "pool")
 
-# Per backbone: feature maps (names and count), RoI-pooled maps, image statistics.
-_FEATURE_MAPS = {"mnist-small": 1, "resnet50-fpn": 5, "mobilenet-v3-fpn": 3}
-_ROI_MAPS = {
-    "mnist-small": ["0"],
-    "resnet50-fpn": ["0", "1", "2", "3"],
-    "mobilenet-v3-fpn": ["0", "1", "2", "3"],  # torchvision's default; absent names are skipped
+
+@dataclass(frozen=True)
+class _Backbone:
+    feature_maps: int  # how many maps the backbone returns
+    roi_maps: tuple[str, ...]  # the maps RoIs are pooled from (absent names are skipped)
+    image_mean: tuple[float, ...]  # one value per input channel the backbone takes
+    image_std: tuple[float, ...]
+    anchor_sizes: tuple  # pixels: one tuple for every map, or one tuple per map
+    weights: WeightsEnum | None  # ImageNet weights for pretrained=True
+
+
+_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# Digits are 15-25 px (median box side ~17 px, smaller where the border cuts them), so anchor
+# sizes 12-24 px; resnet50-fpn: one size per FPN level (strides 4 .. 64) as torchvision does.
+# mnist-small's mean/std: the default data_gen canvases (mostly black, ~2.4 digits each).
+_BACKBONES = {
+    "mnist-small": _Backbone(1, ("0",), (0.06,), (0.21,), (12, 18, 24), None),
+    "resnet50-fpn": _Backbone(
+        5,
+        ("0", "1", "2", "3"),
+        _IMAGENET_MEAN,
+        _IMAGENET_STD,
+        ((12,), (18,), (24,), (36,), (48,)),
+        ResNet50_Weights.IMAGENET1K_V1,
+    ),
+    "mobilenet-v3-fpn": _Backbone(
+        3,
+        ("0", "1", "2", "3"),
+        _IMAGENET_MEAN,
+        _IMAGENET_STD,
+        (12, 18, 24),
+        MobileNet_V3_Large_Weights.IMAGENET1K_V1,
+    ),
 }
-# mnist-small: mean/std of the default data_gen canvases (mostly black, ~2.4 digits each);
-# the ImageNet backbones: their ImageNet statistics, applied to the replicated gray channel.
-_IMAGE_MEAN = {"mnist-small": [0.06], "resnet50-fpn": [0.485, 0.456, 0.406]}
-_IMAGE_STD = {"mnist-small": [0.21], "resnet50-fpn": [0.229, 0.224, 0.225]}
-_IMAGE_MEAN["mobilenet-v3-fpn"] = _IMAGE_MEAN["resnet50-fpn"]
-_IMAGE_STD["mobilenet-v3-fpn"] = _IMAGE_STD["resnet50-fpn"]
-# Digits are 15-25 px (median box side ~17 px, smaller where cut by the border): sizes around
-# that, one list shared by every map (mnist-small, mobilenet) or one size per FPN level
-# (resnet50-fpn, strides 4 .. 64, as torchvision does).
-_ANCHOR_SIZES = {
-    "mnist-small": [12, 18, 24],
-    "resnet50-fpn": [[12], [18], [24], [36], [48]],
-    "mobilenet-v3-fpn": [12, 18, 24],
-}
-_PRETRAINED = {"resnet50-fpn": ResNet50_Weights.IMAGENET1K_V1}
-_PRETRAINED["mobilenet-v3-fpn"] = MobileNet_V3_Large_Weights.IMAGENET1K_V1
+BACKBONES = tuple(_BACKBONES)
 
 
 class MnistSmallBackbone(nn.Module):
@@ -102,67 +114,73 @@ class GrayscaleTransform(GeneralizedRCNNTransform):
 
 def _choice(name: str, value: object, valid: Sequence[object]) -> None:
     if value not in valid:
-        raise ValueError(f"{name}={value!r} is not valid; valid values: {', '.join(map(str, valid))}")
+        raise ValueError(
+            f"{name}={value!r} is not valid; valid values: {', '.join(map(str, valid))}"
+        )
 
 
-def _positive(name: str, value: object, minimum: float = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
-        raise ValueError(f"{name}={value!r} is not valid; expected a number >= {minimum}")
+def _integer(name: str, value: object, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}={value!r} is not valid; expected an integer >= {minimum}")
+
+
+def _number(name: str, value: object, low: float, high: float = float("inf")) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise ValueError(f"{name}={value!r} is not valid; expected a number in [{low}, {high}]")
+    return float(value)
 
 
 def _anchor_generator(
-    backbone: str, anchor_sizes: list | None, aspect_ratios: list[float]
+    name: str, spec: _Backbone, anchor_sizes: Sequence | None, aspect_ratios: Sequence[float]
 ) -> AnchorGenerator:
-    maps = _FEATURE_MAPS[backbone]
-    sizes = _ANCHOR_SIZES[backbone] if anchor_sizes is None else list(anchor_sizes)
-    if not sizes:
-        raise ValueError("anchor_sizes=[] is not valid; give sizes in pixels, e.g. [12, 18, 24]")
-    if all(isinstance(size, (list, tuple)) for size in sizes):
+    sizes = list(spec.anchor_sizes if anchor_sizes is None else anchor_sizes)
+    maps = spec.feature_maps
+    if sizes and all(isinstance(level, (list, tuple)) for level in sizes):
         per_map = [tuple(level) for level in sizes]
         if len(per_map) != maps or len({len(level) for level in per_map}) != 1:
             raise ValueError(
-                f"anchor_sizes={sizes!r} is not valid for {backbone}: give one list of sizes for "
+                f"anchor_sizes={sizes!r} is not valid for {name}: give one list of sizes for "
                 f"all maps, or {maps} lists of equal length (one per feature map)"
             )
     else:
         per_map = [tuple(sizes)] * maps
+    if not per_map[0]:
+        raise ValueError("anchor_sizes=[] is not valid; give sizes in pixels, e.g. [12, 18, 24]")
     for size in (size for level in per_map for size in level):
-        _positive("anchor_sizes", size)
+        _integer("anchor_sizes", size)
     if not aspect_ratios:
-        raise ValueError("aspect_ratios=[] is not valid; give height/width ratios, e.g. [0.5, 1, 2]")
-    for ratio in aspect_ratios:
-        _positive("aspect_ratios", ratio, minimum=1e-3)
-    ratios = tuple(float(ratio) for ratio in aspect_ratios)
+        raise ValueError(
+            "aspect_ratios=[] is not valid; give height/width ratios, e.g. [0.5, 1, 2]"
+        )
+    ratios = tuple(_number("aspect_ratios", ratio, 1e-3) for ratio in aspect_ratios)
     return AnchorGenerator(tuple(per_map), (ratios,) * maps)
 
 
-def _local_weights(backbone: str):
-    """The ImageNet weights enum for ``backbone`` if its file is in the torch hub cache."""
-    if backbone not in _PRETRAINED:
+def _pretrained_weights(name: str, spec: _Backbone) -> WeightsEnum:
+    """The backbone's ImageNet weights, if their file is in the local torch hub cache."""
+    if spec.weights is None:
+        valid = [backbone for backbone, other in _BACKBONES.items() if other.weights is not None]
         raise ValueError(
-            f"pretrained=True is not valid for backbone={backbone!r}: it has no pretrained "
-            f"weights; valid backbones for pretrained: {', '.join(_PRETRAINED)}"
+            f"pretrained=True is not valid for backbone={name!r}, which has no pretrained "
+            f"weights; backbones with pretrained weights: {', '.join(valid)}"
         )
-    weights = _PRETRAINED[backbone]
-    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(spec.weights.url))
     if not os.path.isfile(path):
         raise ValueError(
-            f"pretrained=True for {backbone} needs {path} (from {weights.url}); this program never "
-            "downloads: copy the file there, or use pretrained=False"
+            f"pretrained=True for {name} needs {path} (from {spec.weights.url}); nothing is "
+            "downloaded here: copy the file there, or use pretrained=False"
         )
-    return weights
+    return spec.weights
 
 
-def _backbone(backbone: str, pretrained: bool) -> nn.Module:
-    if backbone == "mnist-small":
-        if pretrained:
-            _local_weights(backbone)  # raises
+def _backbone(name: str, spec: _Backbone, pretrained: bool) -> nn.Module:
+    weights = _pretrained_weights(name, spec) if pretrained else None
+    if name == "mnist-small":
         return MnistSmallBackbone()
-    weights = _local_weights(backbone) if pretrained else None
     # As torchvision's fasterrcnn_* builders do: frozen BN and 3 trainable stages when
-    # fine-tuning ImageNet weights, plain BN and everything trainable from scratch.
+    # fine-tuning ImageNet weights; plain BN and everything trainable from scratch.
     norm_layer = FrozenBatchNorm2d if pretrained else nn.BatchNorm2d
-    if backbone == "resnet50-fpn":
+    if name == "resnet50-fpn":
         return resnet_fpn_backbone(
             backbone_name="resnet50",
             weights=weights,
@@ -187,14 +205,14 @@ def build_model(
     with_r: bool = False,
     canvas_size: int = 64,
     pretrained: bool = False,
-    anchor_sizes: list | None = None,
+    anchor_sizes: Sequence | None = None,
     aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
-    rpn_pre_nms_top_n_train: int = 600,
+    rpn_pre_nms_top_n_train: int = 300,
     rpn_pre_nms_top_n_test: int = 300,
-    rpn_post_nms_top_n_train: int = 300,
+    rpn_post_nms_top_n_train: int = 150,
     rpn_post_nms_top_n_test: int = 100,
     rpn_batch_size_per_image: int = 256,
-    box_batch_size_per_image: int = 64,
+    box_batch_size_per_image: int = 32,
     box_head_width: int = 256,
     roi_pool: str = "align",
     sampling_ratio: int = 2,
@@ -241,11 +259,14 @@ def build_model(
             ``pretrained=True`` without the weights file in the local cache.
     """
     _choice("backbone", backbone, BACKBONES)
+    spec = _BACKBONES[backbone]
     _choice("roi_pool", roi_pool, ROI_POOLS)
-    if roi_pool == "pool" and _FEATURE_MAPS[backbone] != 1:
+    single_map = spec.feature_maps == 1
+    if roi_pool == "pool" and not single_map:
         raise ValueError(f"roi_pool='pool' is not valid for backbone={backbone!r}; use 'align'")
+    sites = check_sites(coordconv_sites)  # also when coordconv=False: no silent typos
+    _integer("num_classes", num_classes, minimum=2)
     for name, value in [
-        ("num_classes", num_classes),
         ("canvas_size", canvas_size),
         ("rpn_pre_nms_top_n_train", rpn_pre_nms_top_n_train),
         ("rpn_pre_nms_top_n_test", rpn_pre_nms_top_n_test),
@@ -257,27 +278,28 @@ def build_model(
         ("roi_output_size", roi_output_size),
         ("box_detections_per_img", box_detections_per_img),
     ]:
-        _positive(name, value, minimum=2 if name == "num_classes" else 1)
-    _positive("sampling_ratio", sampling_ratio, minimum=0)  # 0: adaptive, as torchvision
-    if not 0.0 <= box_score_thresh <= 1.0:
-        raise ValueError(f"box_score_thresh={box_score_thresh!r} is not valid; expected 0..1")
-    mean = list(_IMAGE_MEAN[backbone] if image_mean is None else image_mean)
-    std = list(_IMAGE_STD[backbone] if image_std is None else image_std)
-    channels = len(_IMAGE_MEAN[backbone])
-    if len(mean) != channels or len(std) != channels or min(std) <= 0:
+        _integer(name, value)
+    _integer("sampling_ratio", sampling_ratio, minimum=0)  # 0: adaptive, as torchvision
+    _number("box_score_thresh", box_score_thresh, 0.0, 1.0)
+    mean = list(spec.image_mean if image_mean is None else image_mean)
+    std = list(spec.image_std if image_std is None else image_std)
+    channels = len(spec.image_mean)
+    if len(mean) != channels or len(std) != channels:
         raise ValueError(
             f"image_mean={mean!r}, image_std={std!r} are not valid for {backbone}: expected "
-            f"{channels} value(s) each, std > 0"
+            f"{channels} value(s) each"
         )
+    for value in std:
+        _number("image_std", value, 1e-6)
 
-    anchors = _anchor_generator(backbone, anchor_sizes, list(aspect_ratios))
-    body = _backbone(backbone, pretrained)
+    anchors = _anchor_generator(backbone, spec, anchor_sizes, aspect_ratios)
+    body = _backbone(backbone, spec, pretrained)
     rpn_head = RPNHead(body.out_channels, anchors.num_anchors_per_location()[0])
-    single_map = _FEATURE_MAPS[backbone] == 1
+    roi_maps = list(spec.roi_maps)
     if roi_pool == "align" and single_map:
-        roi_align = MatmulRoIAlign(_ROI_MAPS[backbone], roi_output_size, sampling_ratio)
+        roi_align = MatmulRoIAlign(roi_maps, roi_output_size, sampling_ratio)
     else:
-        roi_align = MultiScaleRoIAlign(_ROI_MAPS[backbone], roi_output_size, sampling_ratio)
+        roi_align = MultiScaleRoIAlign(roi_maps, roi_output_size, sampling_ratio)
     box_head = TwoMLPHead(body.out_channels * roi_output_size**2, box_head_width)
     model = FasterRCNN(
         body,
@@ -304,8 +326,7 @@ def build_model(
     if roi_pool == "pool":
         # FasterRCNN's constructor only accepts MultiScaleRoIAlign; RoIHeads calls any module
         # with that signature.
-        model.roi_heads.box_roi_pool = SingleMapRoIPool(_ROI_MAPS[backbone][0], roi_output_size)
+        model.roi_heads.box_roi_pool = SingleMapRoIPool(roi_maps[0], roi_output_size)
     if coordconv:
-        inject_coordconv(model, coordconv_sites, with_r=with_r)
+        inject_coordconv(model, sites, with_r=with_r)
     return model
-

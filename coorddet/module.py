@@ -79,7 +79,12 @@ class DetectionModule(L.LightningModule):
         images, targets = batch
         losses = self.model(list(images), list(targets))
         loss = sum(losses.values())
-        if not torch.isfinite(loss):
+        finite = bool(torch.isfinite(loss))
+        if self.trainer.world_size > 1:
+            # Every rank must stop at the same step: a rank that raised alone would leave the
+            # others waiting in the gradient all-reduce.
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if not finite:
             terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
             raise NonFiniteLossError(
                 f"training loss is not finite at epoch {self.current_epoch}, step "
@@ -171,9 +176,7 @@ class DetectionModule(L.LightningModule):
             "format": CHECKPOINT_FORMAT,
             "config": self.hparams.run_config,
             # {id, name} of the training data: evaluation refuses data with other categories.
-            "categories": [
-                {"id": int(c["id"]), "name": str(c["name"])} for c in dataset.categories
-            ]
+            "categories": [{"id": int(c["id"]), "name": str(c["name"])} for c in dataset.categories]
             if dataset is not None
             else None,
         }
@@ -183,9 +186,13 @@ class RandomStateCallback(L.Callback):
     """Saves and restores the Python, NumPy and torch RNG states with each checkpoint.
 
     Lightning restores epoch, optimizer and scheduler state on resume but not the random
-    generators; with this callback a resumed run draws the same random numbers as one that was
-    never interrupted from that checkpoint on. States are stored as plain lists and tensors so
-    checkpoints still load with ``torch.load(weights_only=True)``.
+    generators; with this callback a resumed run shuffles and samples (RPN / ROI sampling)
+    exactly as the interrupted one would have from that checkpoint on. States are stored as
+    plain lists and tensors so checkpoints still load with ``torch.load(weights_only=True)``.
+
+    Not covered: the augmentation pipeline's own generators (``coorddet.data`` restarts them
+    from the seed when a run starts) and, under DDP, the other ranks' states (only rank 0's
+    is saved; every rank gets it back).
     """
 
     def state_dict(self) -> dict[str, Any]:

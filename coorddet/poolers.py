@@ -60,7 +60,11 @@ def _axis_weights(
 
 
 def roi_align_matmul(
-    features: Tensor, boxes: list[Tensor], output_size: int, spatial_scale: float, sampling_ratio: int
+    features: Tensor,
+    boxes: list[Tensor],
+    output_size: int,
+    spatial_scale: float,
+    sampling_ratio: int,
 ) -> Tensor:
     """torchvision's ``roi_align(features, boxes, output_size, spatial_scale, sampling_ratio,
     aligned=False)`` as matrix products.
@@ -82,8 +86,12 @@ def roi_align_matmul(
         K = image_boxes.shape[0]
         with torch.no_grad():
             image_boxes = image_boxes.to(features.dtype)
-            rows = _axis_weights(image_boxes[:, 1], image_boxes[:, 3], H, P, sampling_ratio, spatial_scale)
-            columns = _axis_weights(image_boxes[:, 0], image_boxes[:, 2], W, P, sampling_ratio, spatial_scale)
+            rows = _axis_weights(
+                image_boxes[:, 1], image_boxes[:, 3], H, P, sampling_ratio, spatial_scale
+            )
+            columns = _axis_weights(
+                image_boxes[:, 0], image_boxes[:, 2], W, P, sampling_ratio, spatial_scale
+            )
         feature = features[image].transpose(0, 1).reshape(H, C * W)  # (H, C*W)
         by_rows = (rows.reshape(K * P, H) @ feature).reshape(K, P * C, W)
         out = torch.bmm(by_rows, columns.transpose(1, 2))  # (K, P*C, P)
@@ -98,7 +106,7 @@ def _stride_scale(feature: Tensor, image_shapes: list[tuple[int, int]]) -> float
     height = 1
     for shape in image_shapes:
         height = max(height, shape[0])
-    return 2.0 ** round(math.log2(feature.shape[-2] / height))
+    return 2.0 ** round(math.log(feature.shape[-2] / height) / math.log(2.0))
 
 
 class MatmulRoIAlign(MultiScaleRoIAlign):

@@ -1,4 +1,8 @@
-"""Compare runs: relative changes, seed aggregation (mean, std, 95% CI) and ``report.md``.
+"""Compare runs and write the report folder.
+
+Relative changes against the baseline, seed aggregation (mean, sample std, 95% Student-t
+confidence interval), the markdown tables of ``report.md``, and :func:`staged_dir`, which
+builds the report in a hidden sibling folder and moves it into place whole.
 
 Metric values may be ``None`` (undefined, e.g. ``map_large`` when no digit is large, or
 ``rpn_iou`` for an outside detector without proposals): they are shown as ``-`` and never
@@ -7,27 +11,48 @@ averaged as numbers.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
-from collections.abc import Mapping, Sequence
+import os
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+from coorddet.errors import UserError
 from coorddet.metrics import METRIC_KEYS
 
 Metrics = Mapping[str, float | None]
 
-# Two-sided 95% Student-t quantiles t(0.975, df) for df = 1..30; beyond, the normal 1.96 is
-# within 2%. A table keeps scipy out of the dependencies for one number.
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
-         2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
-         2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)  # fmt: skip
+# Two-sided 95% Student-t quantiles t(0.975, df) for df = 1..9. From df = 10 on, the
+# Cornish-Fisher expansion below matches them to 5 decimals; no scipy for one number.
+_T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622)
+_Z975 = 1.959963984540054  # the normal quantile
 
 
 def t_quantile_975(df: int) -> float:
-    return _T975[df - 1] if df <= len(_T975) else 1.96
+    """``t(0.975, df)``: the 95% two-sided Student-t quantile for ``df >= 1`` degrees of freedom."""
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = _Z975
+    return (
+        z
+        + (z**3 + z) / (4 * df)
+        + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+        + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * df**3)
+        + (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / (92160 * df**4)
+    )
 
 
 def aggregate(values: Sequence[float | None]) -> dict[str, Any]:
-    """Mean, sample std and the 95% t-interval of the defined ``values``."""
+    """``{mean, std, ci95: [low, high], n}`` of the defined ``values`` (``None``/NaN skipped).
+
+    ``std`` is the sample standard deviation (n - 1); ``ci95`` is
+    ``mean -+ t(0.975, n - 1) * std / sqrt(n)``. ``std`` and ``ci95`` are ``None`` for n < 2.
+    """
     defined = [float(v) for v in values if v is not None and not math.isnan(v)]
     n = len(defined)
     if n == 0:
@@ -51,7 +76,7 @@ def aggregate_groups(
 
 
 def relative_change(value: float | None, reference: float | None) -> float | None:
-    """``(value - reference) / reference`` or ``None`` when undefined."""
+    """``(value - reference) / |reference|``; ``None`` when either is undefined or it is 0."""
     if value is None or reference is None or reference == 0:
         return None
     if math.isnan(value) or math.isnan(reference):
@@ -67,56 +92,63 @@ def _percent(change: float | None) -> str:
     return "-" if change is None else f"{change * 100:+.1f}%"
 
 
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
 def metrics_table(
     columns: Mapping[str, Metrics], baseline: str | None, compared: Sequence[str]
 ) -> list[str]:
-    """Markdown rows: metrics as rows, runs as columns, then `<run> vs <baseline>` changes."""
+    """Markdown lines: metrics as rows, runs as columns, then one `<run> vs <baseline>` column
+    of relative changes for each run of ``compared`` (none without a baseline)."""
     names = list(columns)
-    change_names = [n for n in compared if baseline is not None and n != baseline]
-    header = ["metric", *names, *(f"{n} vs {baseline}" for n in change_names)]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    others = [n for n in compared if baseline is not None and n != baseline]
+    header = ["metric", *names, *(f"{n} vs {baseline}" for n in others)]
+    rows = []
     for key in METRIC_KEYS:
         cells = [key, *(_number(columns[n].get(key)) for n in names)]
         cells += [
             _percent(relative_change(columns[n].get(key), columns[baseline].get(key)))
-            for n in change_names
+            for n in others
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+        rows.append(cells)
+    return _table(header, rows)
 
 
-def group_table(groups: Mapping[str, Mapping[str, dict[str, Any]]], baseline: str | None) -> list[str]:
-    """Markdown rows: per metric, mean +- std [95% CI] (n) per group, and the change of means."""
+def _stats_cell(stats: Mapping[str, Any]) -> str:
+    if stats["mean"] is None:
+        return "-"
+    if stats["std"] is None:
+        return f"{stats['mean']:.4f} (n=1)"
+    low, high = stats["ci95"]
+    return f"{stats['mean']:.4f} ± {stats['std']:.4f} [{low:.4f}, {high:.4f}] (n={stats['n']})"
+
+
+def group_table(
+    groups: Mapping[str, Mapping[str, dict[str, Any]]], baseline: str | None
+) -> list[str]:
+    """Markdown lines: per metric, ``mean ± std [95% CI] (n)`` per group, and the relative change
+    of each group's mean against the ``baseline`` group's."""
     names = list(groups)
     others = [n for n in names if baseline is not None and n != baseline]
     header = ["metric", *names, *(f"{n} vs {baseline}" for n in others)]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for key in METRIC_KEYS:
-        cells = [key]
-        for name in names:
-            stats = groups[name][key]
-            if stats["mean"] is None:
-                cells.append("-")
-            elif stats["std"] is None:
-                cells.append(f"{stats['mean']:.4f} (n=1)")
-            else:
-                low, high = stats["ci95"]
-                cells.append(
-                    f"{stats['mean']:.4f} ± {stats['std']:.4f} [{low:.4f}, {high:.4f}] "
-                    f"(n={stats['n']})"
-                )
-        for name in others:
-            change = relative_change(groups[name][key]["mean"], groups[baseline][key]["mean"])
-            cells.append(_percent(change))
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+        cells = [key, *(_stats_cell(groups[n][key]) for n in names)]
+        cells += [
+            _percent(relative_change(groups[n][key]["mean"], groups[baseline][key]["mean"]))
+            for n in others
+        ]
+        rows.append(cells)
+    return _table(header, rows)
 
 
 def render_report(
     *,
     runs: Mapping[str, Metrics],
     baseline: str | None,
-    coordconv_runs: Sequence[str],
+    compared: Sequence[str],
     sources: Mapping[str, str],
     data: str,
     split: str,
@@ -125,16 +157,18 @@ def render_report(
     group_baseline: str | None = None,
     plots: Sequence[str] = (),
 ) -> str:
-    """The whole ``report.md`` text."""
+    """The whole ``report.md`` text. ``sources``: run name -> where it came from."""
     lines = ["# coorddet evaluation report", ""]
     lines += [f"- dataset: `{data}`, split `{split}`"]
-    lines += [f"- {name}: `{source}`" for name, source in sources.items()]
-    lines += ["- settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()), ""]
+    lines += [f"- {name}: {source}" for name, source in sources.items()]
+    lines += ["- settings: " + ", ".join(f"{k}={v}" for k, v in settings.items())]
+    reference = f"`{baseline}`" if baseline else "none (no checkpoint without CoordConv)"
+    lines += [f"- changes are relative to the baseline run: {reference}", ""]
     if groups:
         lines += ["## Seeds aggregated (mean ± std [95% CI])", ""]
         lines += group_table(groups, group_baseline) + [""]
     lines += ["## Runs", ""]
-    lines += metrics_table(runs, baseline, coordconv_runs) + [""]
+    lines += metrics_table(runs, baseline, compared) + [""]
     lines += [
         "rpn_iou: mean best IoU of the RPN's top proposals after NMS (the paper's metric); "
         "det_iou: mean best IoU of detections with score >= score_thresh; gt_iou: mean best "
@@ -145,3 +179,59 @@ def render_report(
     if plots:
         lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     return "\n".join(lines)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """``data`` as indented JSON; NaN is not allowed (write ``None`` for undefined values)."""
+    path.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
+
+
+@contextlib.contextmanager
+def staged_dir(out: Path) -> Iterator[Path]:
+    """Yield an empty hidden sibling folder of ``out``; on success it replaces ``out`` whole.
+
+    An existing ``out`` (the caller has checked that it may go) is replaced by two renames. On
+    an exception the staging folder is removed and ``out`` is left as it was; a killed process
+    leaves only a hidden ``.<name>.tmp-<pid>`` folder, which the next call for ``out`` removes.
+    """
+    _remove_stale(out)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        old = out.parent / f".{out.name}.old-{os.getpid()}" if out.exists() else None
+        if old is not None:
+            out.rename(old)
+        try:
+            tmp.rename(out)
+        except OSError as error:
+            if old is not None:
+                old.rename(out)
+            raise UserError(f"cannot move the report into {out}: {error.strerror}") from None
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_stale(out: Path) -> None:
+    """Remove staging folders of ``out`` left by killed processes (POSIX: their pid is gone)."""
+    if os.name != "posix" or not out.parent.is_dir():
+        return
+    prefix = f".{out.name}."
+    for folder in out.parent.iterdir():
+        kind, _, pid = folder.name.removeprefix(prefix).partition("-")
+        stale = folder.name.startswith(prefix) and kind in ("tmp", "old") and pid.isdigit()
+        if stale and folder.is_dir() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,29 +1,35 @@
 """``python train.py`` / ``coorddet-train``: YAML + flags -> config -> objects -> ``Trainer.fit``.
 
 Lightning runs the loops, devices, DDP (CPU gloo to multi-node NCCL), precision, checkpoints
-and logs. This file only wires the pieces together and writes the run directory:
+and logs. This file only wires the pieces together; :mod:`coorddet.cli.rundir` describes and
+guards the run directory it writes.
 
-    OUT/checkpoints/last.ckpt   every epoch        OUT/config.yaml    the resolved config
-    OUT/checkpoints/best.ckpt   best validation map  OUT/metrics.json   final validation metrics
-    OUT/logs/metrics.csv        per-step and per-epoch logs
+Exit codes: 0 done (or nothing left to do), 2 a user mistake (one line on stderr), 1 the loss
+became NaN/inf (checkpoints are left as they were) or Ctrl-C during training (Lightning's
+handler), 130 Ctrl-C before it, 143 SIGTERM (resume with ``--resume last``).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import logging
-import os
 import shutil
 import sys
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from coorddet.cli import ArgumentParser, run
+from coorddet.cli.rundir import (
+    ResumePoint,
+    check_out_dir,
+    is_rank_zero,
+    read_resume_point,
+    resume_path,
+    trim_csv_log,
+    write_json,
+)
 from coorddet.config import DataConfig, TrainConfig, build_config, dump_yaml, load_yaml
 from coorddet.errors import UserError
 
@@ -39,7 +45,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Any, dict[str, Any]]:
     )
     bool_flag = argparse.BooleanOptionalAction
     add = parser.add_argument
-    add("--config", metavar="FILE.yaml", help="YAML config (sections data/model/optim/trainer/eval)")
+    add(
+        "--config", metavar="FILE.yaml", help="YAML config (sections data/model/optim/trainer/eval)"
+    )
     add("--name", help="run name (default: coordconv or baseline)")
     add("--out", metavar="DIR", help="run directory (default: runs/<name>)")
     add("--coordconv", action=bool_flag, help="inject CoordConv layers (default: off)")
@@ -47,7 +55,11 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Any, dict[str, Any]]:
         "backbone-stem,rpn-head,rpn-box (the paper's placement, the default)")  # fmt: skip
     add("--with-r", action=bool_flag, help="add the radius channel to CoordConv layers")
     add("--backbone", help="mnist-small (default), resnet50-fpn or mobilenet-v3-fpn")
-    add("--data", metavar="DIR", help=f"dataset written by data_gen (default: {DataConfig.data_dir})")
+    add(
+        "--data",
+        metavar="DIR",
+        help=f"dataset written by data_gen (default: {DataConfig.data_dir})",
+    )
     add("--max-epochs", type=int, help="epochs to train")
     add("--batch-size", type=int, help="images per batch per device")
     add("--lr", type=float, help="peak learning rate")
@@ -60,12 +72,16 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Any, dict[str, Any]]:
     add("--precision", help="32-true, bf16-mixed (CPU or GPU), 16-mixed (GPU)")
     add("--num-workers", type=int, help="DataLoader workers per process")
     add("--augment", action=bool_flag, help="albumentations on the training split (default: on)")
-    add("--resume", metavar="last|PATH", help="continue from OUT/checkpoints/last.ckpt or PATH")
+    add("--resume", metavar="last|PATH", help="continue from OUT/checkpoints/last.ckpt or PATH: "
+        "epoch, weights, optimizer, schedule and RNG state; model settings come from the "
+        "checkpoint; --max-epochs may be raised")  # fmt: skip
     add("--limit-train-batches", type=number, metavar="N|FRAC", help="batches (int) or fraction")
     add("--limit-val-batches", type=number, metavar="N|FRAC", help="batches (int) or fraction")
-    add("--overwrite", action="store_true", help="replace an existing run directory")
+    add("--overwrite", action="store_true", help="delete and replace an existing run directory")
     add("--quiet", action="store_true", help="no progress bar or model summary (CI logs)")
     args = parser.parse_args(argv)
+    if args.resume and args.overwrite:
+        parser.error("--resume and --overwrite contradict each other; pass one of them")
 
     mapping = {
         "name": "name", "out": "out", "seed": "seed",
@@ -96,28 +112,16 @@ def number(text: str) -> int | float:
         return float(text)  # argparse turns the ValueError into a one-line error
 
 
-def _is_rank_zero() -> bool:
-    """False in the extra processes that DDP launchers start (they re-run this script)."""
-    return all(os.environ.get(var, "0") == "0" for var in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))
-
-
-def _prepare_out_dir(config: TrainConfig, args: Any) -> Path | None:
-    """Check or create the run directory; return the checkpoint to resume from, if any."""
-    out = config.out_dir
-    resume: Path | None = None
-    if args.resume:
-        resume = out / "checkpoints" / "last.ckpt" if args.resume == "last" else Path(args.resume)
-        if not resume.is_file():
-            raise UserError(f"--resume: no checkpoint at {resume}")
-        return resume
-    if out.exists() and any(out.iterdir()) and _is_rank_zero():
-        if not args.overwrite:
-            raise UserError(
-                f"run directory {out} exists and is not empty; pass --resume last to continue "
-                "it, --overwrite to replace it, or --out for a new one"
-            )
-        shutil.rmtree(out)
-    return None
+def _check_dataset(data_dir: str) -> None:
+    """The quick part of the dataset check (before slow imports); ``coorddet.data`` does the rest."""
+    root = Path(data_dir)
+    hint = DATA_GEN_HINT.format(data=data_dir)
+    if not root.is_dir():
+        raise UserError(f"dataset directory {root} does not exist; create one with: {hint}")
+    for split in ("train", "val"):
+        path = root / "annotations" / f"instances_{split}.json"
+        if not path.is_file():
+            raise UserError(f"{path}: annotation file not found; create a dataset with: {hint}")
 
 
 def _open_data(config: TrainConfig) -> Any:
@@ -132,17 +136,41 @@ def _open_data(config: TrainConfig) -> Any:
         if "data_gen" not in message:
             message += f" (create a dataset with: {hint})"
         raise UserError(message) from None
+    classes = datamodule.train_dataset.num_classes
+    if classes > config.model["num_classes"]:
+        raise UserError(
+            f"{config.data.data_dir} has category ids up to {classes - 1} but model.num_classes "
+            f"is {config.model['num_classes']} (it counts the background); set it to {classes}"
+        )
     return datamodule
 
 
-def _build_module(config: TrainConfig) -> Any:
+def _resolve_resume(config: TrainConfig, point: ResumePoint, explicit: set[str]) -> None:
+    """Build the model the checkpoint was trained with; refuse model settings that contradict it."""
+    conflicts = [
+        f"{key}={config.model[key]!r} (checkpoint: {point.model_config[key]!r})"
+        for key in sorted(explicit)
+        if key in point.model_config and config.model.get(key) != point.model_config[key]
+    ]
+    if conflicts:
+        raise UserError(
+            f"--resume {point.path}: the checkpoint was trained with other model settings: "
+            f"{'; '.join(conflicts)}. Resume with the original settings or start a new --out"
+        )
+    config.model = {**config.model, **point.model_config}
+
+
+def _build_module(config: TrainConfig, resume: ResumePoint | None) -> Any:
     from coorddet.models import build_model
     from coorddet.module import DetectionModule
 
-    try:
-        model = build_model(**config.model)
-    except (ValueError, TypeError) as error:
-        raise UserError(f"model config: {error}") from None
+    if resume is not None:  # Lightning loads them again, but with a traceback when they misfit
+        model = resume.checkpoint.build_model().train()
+    else:
+        try:
+            model = build_model(**config.model)
+        except (ValueError, TypeError) as error:
+            raise UserError(f"model config: {error}") from None
     return DetectionModule(
         model,
         **dataclasses.asdict(config.optim),
@@ -151,92 +179,67 @@ def _build_module(config: TrainConfig) -> Any:
     )
 
 
-def _trainer(config: TrainConfig, quiet: bool) -> Any:
-    import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
-    from lightning.pytorch.loggers import CSVLogger
-
-    from coorddet.module import RandomStateCallback
-
-    out = config.out_dir
-    callbacks: list[Any] = [
-        ModelCheckpoint(
-            dirpath=out / "checkpoints",
-            filename="best",
-            monitor="map",
-            mode="max",
-            save_top_k=1,
-            save_last=True,
-            enable_version_counter=False,
-            auto_insert_metric_name=False,
-        ),
-        RandomStateCallback(),
-    ]
-    if not quiet:
-        callbacks.append(RichProgressBar(leave=True))
-    loggers: list[Any] = [CSVLogger(out, name="", version="logs")]
-    try:
-        from lightning.pytorch.loggers import TensorBoardLogger
-
-        loggers.append(TensorBoardLogger(out, name="", version="tensorboard"))
-    except ModuleNotFoundError:  # tensorboard is optional
-        pass
-    trainer_args = dataclasses.asdict(config.trainer)
-    trainer_args["gradient_clip_val"] = trainer_args["gradient_clip_val"] or None
-    return L.Trainer(
-        **trainer_args,
-        callbacks=callbacks,
-        logger=loggers,
-        enable_progress_bar=not quiet,
-        enable_model_summary=not quiet,
-        default_root_dir=out,
-        num_sanity_val_steps=0,
-    )
-
-
-def _quiet_libraries(quiet: bool) -> None:
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated.*")
-    warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
-    if quiet:
-        for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
-            logging.getLogger(name).setLevel(logging.WARNING)
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
-
-
 def main_unsafe(argv: Sequence[str] | None = None) -> int:
     args, overrides = parse_args(argv)
     raw = load_yaml(args.config) if args.config else {}
     config = build_config(raw, overrides)
+    out = config.out_dir
+    rank_zero = is_rank_zero()
+    # Quick checks first: a mistake is reported before the seconds-long imports below.
+    _check_dataset(config.data.data_dir)
+    checkpoint = resume_path(args.resume, out) if args.resume else None
+    if checkpoint is None and rank_zero:
+        check_out_dir(out, overwrite=args.overwrite)
 
     import lightning as L
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    _quiet_libraries(args.quiet)  # after the import: lightning sets its loggers' levels on import
+    from coorddet.cli.trainer_io import build_trainer, quiet_lightning
+
+    quiet_lightning(args.quiet)  # after the import: lightning sets its loggers' levels on import
 
     from coorddet.module import NonFiniteLossError, final_metrics
 
-    resume = _prepare_out_dir(config, args)
+    resume = read_resume_point(checkpoint) if checkpoint else None
+    if resume is not None:
+        explicit = set(raw.get("model") or {}) | {
+            key.removeprefix("model.") for key in overrides if key.startswith("model.")
+        }
+        _resolve_resume(config, resume, explicit)
+        if resume.completed_epochs >= config.trainer.max_epochs:
+            print(
+                f"{resume.path} has already trained {resume.completed_epochs} epochs "
+                f"(max_epochs {config.trainer.max_epochs}): nothing to do; pass a larger "
+                "--max-epochs to train further",
+                file=sys.stderr,
+            )
+            return 0
     datamodule = _open_data(config)
     L.seed_everything(config.seed, workers=True, verbose=not args.quiet)
-    module = _build_module(config)
-    trainer = _trainer(config, args.quiet)
-    out = config.out_dir
-    if trainer.is_global_zero:
+    module = _build_module(config, resume)
+    trainer = build_trainer(config, quiet=args.quiet)
+    if rank_zero:  # DDP's other processes start inside fit(), after this
+        if args.overwrite and out.exists():
+            shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
         dump_yaml(config, out / "config.yaml")
+        if resume is not None:
+            trim_csv_log(out / "logs" / "metrics.csv", resume.completed_epochs)
 
     started = time.perf_counter()
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint, weights_only=True)
     except NonFiniteLossError as error:
-        print(f"error: {error}; best.ckpt was kept as it was", file=sys.stderr)
-        return 1
+        if rank_zero:
+            print(f"error: {error}; checkpoints were left as they were", file=sys.stderr)
+            return 1
+        return 0  # process 0 reports it; a failing child would make Lightning kill process 0
+    except SIGTERMException:  # Lightning's is a SystemExit with status 0: not a success here
+        if rank_zero:
+            print(
+                f"terminated by SIGTERM; continue with: --out {out} --resume last", file=sys.stderr
+            )
+        return 143
     seconds = time.perf_counter() - started
     if not trainer.is_global_zero:
         return 0
@@ -247,7 +250,7 @@ def main_unsafe(argv: Sequence[str] | None = None) -> int:
         "train_seconds": round(seconds, 3),
         "train_img_per_s": round(images / module.train_seconds, 2) if module.train_seconds else 0,
     }
-    _write_json(out / "metrics.json", metrics)
+    write_json(out / "metrics.json", metrics)
     if not args.quiet:
         shown = ", ".join(
             f"{k} {v:.4f}" for k, v in metrics.items() if k in ("map", "map_50", "rpn_iou", "gt_iou")

@@ -1,0 +1,182 @@
+"""Lightning pieces that write a run directory so that a killed run can always be resumed.
+
+- :class:`AtomicCheckpointIO`: a checkpoint is written next to its target and renamed over
+  it, so ``last.ckpt`` / ``best.ckpt`` are always either the old or the new complete file,
+  whatever moment a SIGKILL lands.
+- :class:`AppendingCSVLogger`: Lightning's ``CSVLogger`` deletes an existing ``metrics.csv``
+  when it starts; on resume this one appends to it instead (``train.py`` first trims the rows
+  of the epoch that was interrupted, see :func:`coorddet.cli.rundir.trim_csv_log`).
+- :class:`RunCheckpoint`: ``ModelCheckpoint`` that still knows its best score after the run
+  directory was moved or copied (Lightning would forget it and overwrite ``best.ckpt``).
+- :class:`ProgressBar`: Rich progress bar without Lightning's ``v_num`` entry.
+- :func:`build_trainer`: the ``Trainer`` with all of the above, checkpoints and loggers.
+
+Imported only once ``lightning`` is needed: the command line's fast checks stay fast.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
+
+from coorddet.config import TrainConfig
+from coorddet.errors import UserError
+from coorddet.module import RandomStateCallback
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``torch.save`` to ``.NAME.tmp`` in the same folder, then ``os.replace`` onto ``NAME``."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None
+    ) -> None:
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        super().save_checkpoint(checkpoint, tmp, storage_options)
+        os.replace(tmp, path)
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose saved state follows the run directory when it moves.
+
+    Lightning drops the best score when the checkpoint folder's path differs from the one
+    saved (a copied or renamed run), and the next validation would then replace ``best.ckpt``
+    whatever its score. When the saved best file is present under the new folder, this
+    callback takes the state over with its paths moved there.
+    """
+
+    @property
+    def state_key(self) -> str:
+        # Stored under ModelCheckpoint's own key: checkpoints stay interchangeable with it.
+        return super().state_key.replace(type(self).__qualname__, "ModelCheckpoint", 1)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        old, new = state_dict.get("dirpath"), self.dirpath
+        best = state_dict.get("best_model_path") or ""
+        if old and new and old != new and best and os.path.isfile(_moved(best, new)):
+            state_dict = {
+                **state_dict,
+                "dirpath": new,
+                **{
+                    key: _moved(state_dict.get(key) or "", new)
+                    for key in ("best_model_path", "kth_best_model_path", "last_model_path")
+                },
+                "best_k_models": {
+                    _moved(path, new): score
+                    for path, score in (state_dict.get("best_k_models") or {}).items()
+                },
+            }
+        super().load_state_dict(state_dict)
+
+
+def _moved(path: str, folder: str) -> str:
+    return os.path.join(folder, os.path.basename(path)) if path else path
+
+
+class _AppendingWriter(ExperimentWriter):
+    def _check_log_dir_exists(self) -> None:
+        # Called by __init__ in place of Lightning's "delete the old metrics.csv". Knowing the
+        # existing columns lets save() append, or rewrite the header when new columns appear.
+        if os.path.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, newline="") as file:
+                self.metrics_keys = next(csv.reader(file), [])
+
+
+class AppendingCSVLogger(CSVLogger):
+    """``CSVLogger`` that keeps the rows already in ``metrics.csv`` (from before a resume)."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            os.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+class ProgressBar(RichProgressBar):
+    """Shows the loss, images/s and the headline validation metrics; no logger version."""
+
+    def get_metrics(self, trainer: Any, pl_module: Any) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics
+
+
+def build_trainer(config: TrainConfig, *, quiet: bool) -> L.Trainer:
+    """The ``lightning.Trainer`` of ``config.trainer`` writing into ``config.out_dir``."""
+    out = config.out_dir
+    callbacks: list[Any] = [
+        RunCheckpoint(
+            dirpath=out / "checkpoints",
+            filename="best",
+            monitor="map",
+            mode="max",
+            save_top_k=1,
+            save_last=True,
+            enable_version_counter=False,
+            auto_insert_metric_name=False,
+        ),
+        RandomStateCallback(),
+    ]
+    if not quiet:
+        callbacks.append(ProgressBar(leave=True))
+    loggers: list[Any] = [AppendingCSVLogger(out, name="", version="logs")]
+    try:
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(out, name="", version="tensorboard"))
+    except ModuleNotFoundError:  # tensorboard is optional
+        pass
+    trainer_args = dataclasses.asdict(config.trainer)
+    trainer_args["gradient_clip_val"] = trainer_args["gradient_clip_val"] or None
+    try:
+        return L.Trainer(
+            **trainer_args,
+            callbacks=callbacks,
+            logger=loggers,
+            plugins=[AtomicCheckpointIO()],
+            enable_progress_bar=not quiet,
+            enable_model_summary=not quiet,
+            default_root_dir=out,
+            num_sanity_val_steps=0,
+        )
+    except (MisconfigurationException, ValueError, TypeError) as error:
+        # e.g. --accelerator gpu without a GPU, --devices 3 with a CPU list, --precision 7
+        raise UserError(
+            "trainer settings (--accelerator, --devices, --strategy, --num-nodes, --precision): "
+            f"{error}"
+        ) from None
+
+
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+def quiet_lightning(quiet: bool) -> None:
+    """Silence known-harmless warnings and Lightning's tips; ``quiet``: its INFO lines too."""
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated.*")
+    warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+    warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        for handler in logging.getLogger(name).handlers:  # advertisements, not information
+            handler.addFilter(_DropTips())
+    if quiet:
+        for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+            logging.getLogger(name).setLevel(logging.WARNING)

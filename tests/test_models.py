@@ -1,0 +1,210 @@
+"""build_model: backbones, canvas-sized transform, baseline vs CoordConv arms, validation."""
+
+import pytest
+import torch
+from torch.testing import assert_close
+from torchvision.models.detection import FasterRCNN
+
+from coorddet.coordconv import CoordConv2d
+from coorddet.models import BACKBONES, GrayscaleTransform, build_model
+from coorddet.poolers import MatmulRoIAlign, SingleMapRoIPool
+
+
+def _batch(count: int = 2, size: int = 64):
+    generator = torch.Generator().manual_seed(0)
+    images = [torch.rand(1, size, size, generator=generator) for _ in range(count)]
+    targets = [
+        {
+            "boxes": torch.tensor([[4.0, 6.0, 24.0, 28.0], [30.0, 32.0, 50.0, 50.0]]),
+            "labels": torch.tensor([3, 7]),
+        }
+        for _ in range(count)
+    ]
+    return images, targets
+
+
+def _train_step(model: FasterRCNN) -> dict[str, torch.Tensor]:
+    images, targets = _batch()
+    model.train()
+    losses = model(images, targets)
+    sum(losses.values()).backward()
+    return losses
+
+
+@pytest.mark.parametrize("coordconv", [False, True])
+def test_mnist_small_trains_and_detects(coordconv):
+    torch.manual_seed(0)
+    model = build_model(coordconv=coordconv)
+    assert isinstance(model, FasterRCNN)
+    losses = _train_step(model)
+    assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
+    assert all(torch.isfinite(loss) for loss in losses.values())
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert unused == []  # DDP without find_unused_parameters
+    model.eval()
+    with torch.no_grad():
+        detections = model(_batch()[0])
+    assert detections[0]["boxes"].shape[1] == 4
+    assert detections[0]["labels"].max() <= 10
+
+
+def test_mnist_small_layout():
+    model = build_model()
+    body = model.backbone.body
+    assert [name for name, _ in body.named_children()][:3] == ["conv1", "relu1", "pool1"]
+    assert body.conv1.in_channels == 1 and body.conv2.out_channels == 64
+    assert model.backbone(torch.zeros(2, 1, 64, 64)).shape == (2, 64, 16, 16)
+    assert model.rpn.head.conv[0][0].in_channels == 64
+    assert model.roi_heads.box_head.fc7.out_features == 256
+    assert isinstance(model.roi_heads.box_roi_pool, MatmulRoIAlign)
+
+
+def test_canvas_is_never_resized():
+    model = build_model(canvas_size=64).eval()
+    images, _ = _batch(size=64)
+    image_list, _ = model.transform(images)
+    assert image_list.tensors.shape == (2, 1, 64, 64)
+    assert model.transform.min_size == (64,) and model.transform.max_size == 64
+
+
+def test_coordconv_arm_is_the_baseline_plus_coordinate_weights():
+    torch.manual_seed(0)
+    baseline = build_model()
+    after_baseline = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    coordconv = build_model(coordconv=True)
+    assert torch.equal(torch.random.get_rng_state(), after_baseline)  # same RNG afterwards
+    base, coord = baseline.state_dict(), coordconv.state_dict()
+    assert set(coord) - set(base) == {
+        "backbone.body.conv1.coord_weight",
+        "rpn.head.conv.0.0.coord_weight",
+        "rpn.head.bbox_pred.coord_weight",
+    }
+    for key, value in base.items():
+        assert torch.equal(coord[key], value), key
+    assert all((coord[key] == 0).all() for key in set(coord) - set(base))
+
+
+def test_default_sites_parameter_overhead_under_one_percent():
+    baseline = sum(p.numel() for p in build_model().parameters())
+    coordconv = sum(p.numel() for p in build_model(coordconv=True).parameters())
+    assert 0 < (coordconv - baseline) / baseline < 0.01
+
+
+def test_with_r_and_sites_reach_the_layers():
+    model = build_model(coordconv=True, coordconv_sites=["backbone"], with_r=True)
+    layers = [m for m in model.modules() if isinstance(m, CoordConv2d)]
+    assert len(layers) == 2 and all(layer.coord_weight.shape[1] == 3 for layer in layers)
+
+
+@pytest.mark.parametrize("backbone", ["resnet50-fpn", "mobilenet-v3-fpn"])
+def test_imagenet_backbones_take_grayscale_canvases(backbone):
+    torch.manual_seed(0)
+    model = build_model(backbone=backbone, coordconv=True)
+    assert isinstance(model.transform, GrayscaleTransform)
+    images, _ = _batch()
+    image_list, _ = model.transform(images)
+    assert image_list.tensors.shape == (2, 3, 64, 64)
+    model.eval()
+    with torch.no_grad():
+        detections = model(images[:1])
+    assert detections[0]["boxes"].shape[1] == 4
+
+
+def test_grayscale_transform_replicates_then_normalises():
+    transform = GrayscaleTransform(32, 32, [0.1, 0.2, 0.3], [0.5, 0.5, 0.5]).eval()
+    image = torch.rand(1, 32, 32)
+    image_list, _ = transform([image])
+    expected = (image.expand(3, 32, 32) - torch.tensor([0.1, 0.2, 0.3])[:, None, None]) / 0.5
+    assert_close(image_list.tensors[0], expected)
+    with pytest.raises(ValueError, match="1 or 3 channels"):
+        transform([torch.rand(2, 32, 32)])
+
+
+@pytest.mark.parametrize("roi_pool", ["align", "align-torchvision", "pool"])
+def test_roi_pool_choices(roi_pool):
+    torch.manual_seed(0)
+    model = build_model(roi_pool=roi_pool, sampling_ratio=1)
+    pooler = model.roi_heads.box_roi_pool
+    assert isinstance(pooler, SingleMapRoIPool) == (roi_pool == "pool")
+    assert isinstance(pooler, MatmulRoIAlign) == (roi_pool == "align")
+    assert all(torch.isfinite(loss) for loss in _train_step(model).values())
+
+
+def test_same_seed_same_detections_for_both_align_implementations():
+    images, _ = _batch()
+    results = []
+    for roi_pool in ("align", "align-torchvision"):
+        torch.manual_seed(0)
+        model = build_model(roi_pool=roi_pool).eval()
+        with torch.no_grad():
+            results.append(model(images))
+    for ours, theirs in zip(*results, strict=True):
+        assert_close(ours["scores"], theirs["scores"], atol=1e-5, rtol=1e-4)
+        assert_close(ours["boxes"], theirs["boxes"], atol=1e-3, rtol=1e-4)
+
+
+def test_detector_options_reach_torchvision():
+    model = build_model(
+        anchor_sizes=[16, 24],
+        aspect_ratios=[1.0],
+        rpn_pre_nms_top_n_train=111,
+        rpn_post_nms_top_n_test=22,
+        box_batch_size_per_image=48,
+        box_head_width=64,
+        box_detections_per_img=7,
+        box_score_thresh=0.2,
+        image_mean=[0.5],
+        image_std=[0.25],
+    )
+    assert model.rpn.anchor_generator.sizes == ((16, 24),)
+    assert model.rpn.head.cls_logits.out_channels == 2
+    assert model.rpn._pre_nms_top_n["training"] == 111
+    assert model.rpn._post_nms_top_n["testing"] == 22
+    assert model.roi_heads.fg_bg_sampler.batch_size_per_image == 48
+    assert model.roi_heads.box_predictor.cls_score.in_features == 64
+    assert model.roi_heads.detections_per_img == 7 and model.roi_heads.score_thresh == 0.2
+    assert model.transform.image_mean == [0.5] and model.transform.image_std == [0.25]
+    fpn = build_model(backbone="mobilenet-v3-fpn", anchor_sizes=[[8, 16]] * 3)
+    assert fpn.rpn.anchor_generator.sizes == ((8, 16),) * 3
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"backbone": "resnet18"}, "backbone='resnet18' is not valid; valid values: mnist-small"),
+        ({"roi_pool": "max"}, "roi_pool='max' is not valid; valid values: align"),
+        ({"backbone": "resnet50-fpn", "roi_pool": "pool"}, "roi_pool='pool' is not valid"),
+        ({"coordconv_sites": ["stem"]}, "unknown CoordConv site.*valid sites: backbone-stem"),
+        ({"coordconv": True, "coordconv_sites": ["fpn"]}, "'fpn' matches no conv"),
+        ({"num_classes": 1}, "num_classes=1 is not valid"),
+        ({"box_head_width": 0}, "box_head_width=0 is not valid"),
+        ({"box_batch_size_per_image": 2.5}, "box_batch_size_per_image=2.5 is not valid"),
+        ({"box_score_thresh": 1.5}, "box_score_thresh=1.5 is not valid"),
+        ({"anchor_sizes": []}, "anchor_sizes=\\[\\] is not valid"),
+        ({"anchor_sizes": [[16], [32]]}, "anchor_sizes=.* is not valid for mnist-small"),
+        ({"aspect_ratios": [1.0, -2.0]}, "aspect_ratios=-2.0 is not valid"),
+        ({"image_mean": [0.1, 0.2, 0.3]}, "expected 1 value"),
+        ({"backbone": "resnet50-fpn", "image_std": [0.2]}, "expected 3 value"),
+        ({"pretrained": True}, "pretrained=True is not valid for backbone='mnist-small'"),
+    ],
+)
+def test_bad_arguments_raise_value_error_naming_them(options, message):
+    with pytest.raises(ValueError, match=message):
+        build_model(**options)
+
+
+@pytest.mark.parametrize("backbone", ["resnet50-fpn", "mobilenet-v3-fpn"])
+def test_pretrained_never_downloads(backbone, tmp_path):
+    previous = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path))  # an empty cache
+    try:
+        with pytest.raises(ValueError, match=f"needs {tmp_path}/checkpoints/.*pth.*copy the file"):
+            build_model(backbone=backbone, pretrained=True)
+    finally:
+        torch.hub.set_dir(previous)
+    assert not any(tmp_path.rglob("*.pth"))
+
+
+def test_backbones_constant():
+    assert BACKBONES == ("mnist-small", "resnet50-fpn", "mobilenet-v3-fpn")

@@ -1,0 +1,373 @@
+"""``python train.py``: the command line and the run directory it writes, in subprocesses.
+
+Real tiny data (``data_gen``) and real training, cut short with ``--limit-*-batches``. The
+costly runs are few: the shared ``smoke_runs``, one rerun (same seed), one 2-process DDP run,
+one run killed by SIGKILL and resumed, one resume whose loss becomes NaN.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import ROOT, assert_user_error, run_cli
+
+from data_gen import GeneratorConfig, generate
+
+METRIC_KEYS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large",
+               "mar_1", "mar_10", "mar_100", "rpn_iou", "det_iou", "gt_iou")  # fmt: skip
+SMOKE = ("train.py", "--config", "configs/smoke.yaml")
+# Python's default warning filters, as a user gets them (run_cli's default hides warnings).
+USER_WARNINGS = {"PYTHONWARNINGS": ""}
+
+
+def train(*args: object, env: dict | None = None) -> subprocess.CompletedProcess:
+    return run_cli(*SMOKE, *map(str, args), env=env)
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def validation_epochs(rows: list[dict[str, str]]) -> list[int]:
+    return [int(float(row["epoch"])) for row in rows if row.get("map")]
+
+
+def metric_values(run: Path) -> dict[str, float | None]:
+    metrics = json.loads((run / "metrics.json").read_text())
+    return {key: metrics[key] for key in METRIC_KEYS}
+
+
+def assert_same_metrics(got: dict, expected: dict, tol: float = 1e-6) -> None:
+    for key in METRIC_KEYS:
+        a, b = got[key], expected[key]
+        if a is None or b is None or math.isnan(a) or math.isnan(b):
+            assert (a is None or math.isnan(a)) and (b is None or math.isnan(b)), (key, a, b)
+        else:
+            assert abs(a - b) <= tol, (key, a, b)
+
+
+# --- command line --------------------------------------------------------------------------
+
+
+def test_help_lists_every_flag() -> None:
+    result = run_cli("train.py", "--help")
+    assert result.returncode == 0, result.stderr
+    flags = (
+        "--config --coordconv --no-coordconv --coordconv-sites --with-r --backbone --data --out "
+        "--max-epochs --batch-size --lr --optimizer --seed --accelerator --devices --strategy "
+        "--num-nodes --precision --num-workers --augment --no-augment --resume "
+        "--limit-train-batches --limit-val-batches --quiet --overwrite"
+    ).split()
+    for flag in flags:
+        assert flag in result.stdout, flag
+
+
+# --- outputs of the smoke runs -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["baseline", "coordconv"])
+def test_smoke_run_writes_the_pinned_outputs(smoke_runs: dict[str, Path], name: str) -> None:
+    from coorddet.coordconv import CoordConv2d
+    from coorddet.models import build_model
+
+    run = smoke_runs[name]
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["model"]["coordconv"] is (name == "coordconv")
+    assert config["name"] == name and config["out"] == str(run)
+
+    for checkpoint in ("last.ckpt", "best.ckpt"):
+        state = torch.load(run / "checkpoints" / checkpoint, map_location="cpu", weights_only=True)
+        model = build_model(**config["model"])
+        weights = {k.removeprefix("model."): v for k, v in state["state_dict"].items()}
+        model.load_state_dict(weights)  # strict: the resolved config rebuilds this exact model
+        assert any(isinstance(m, CoordConv2d) for m in model.modules()) is (name == "coordconv")
+        assert state["coorddet"]["config"]["model"] == config["model"]
+        assert [c["name"] for c in state["coorddet"]["categories"]] == [str(d) for d in range(10)]
+
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics) == {*METRIC_KEYS, "epochs", "train_seconds", "train_img_per_s"}
+    assert metrics["epochs"] == 1
+    assert metrics["train_seconds"] > 0 and metrics["train_img_per_s"] > 0
+    for key in METRIC_KEYS:
+        assert metrics[key] is None or 0.0 <= metrics[key] <= 1.0, key
+    assert metrics["map"] is not None and metrics["rpn_iou"] is not None
+
+    rows = read_csv(run / "logs" / "metrics.csv")
+    assert validation_epochs(rows) == [0]
+    assert {"loss", "loss_classifier", "loss_box_reg", "loss_objectness", "img_s"} <= set(rows[0])
+    assert sum(1 for row in rows if row.get("loss")) == 3  # smoke.yaml: limit_train_batches 3
+    assert not list(run.rglob(".*.tmp"))
+
+
+def test_same_seed_same_metrics_and_overwrite(
+    smoke_runs: dict[str, Path], tiny_dataset: Path, tmp_path: Path
+) -> None:
+    """Rerun the smoke baseline (not quiet, into a non-empty dir with --overwrite)."""
+    out = tmp_path / "again"
+    out.mkdir()
+    (out / "old-file").write_text("replaced by --overwrite")
+    result = train("--data", tiny_dataset, "--out", out, "--no-coordconv", "--overwrite")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (out / "old-file").exists()
+    assert_same_metrics(metric_values(out), metric_values(smoke_runs["baseline"]), tol=0.0)
+    # Not quiet: the Rich progress bar shows the loss and images/s; no Lightning advert.
+    assert "loss" in result.stdout and "img_s" in result.stdout, result.stdout[-2000:]
+    assert "Tip" not in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# --- DDP -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def odd_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """5 validation images: 2 processes pad them to 6, so one image is scored twice."""
+    out = tmp_path_factory.mktemp("odd") / "mnist-det"
+    generate(GeneratorConfig(out=str(out), train=16, val=5, test=1, seed=1, workers=1))
+    return out
+
+
+def validate_on_one_process(run: Path) -> dict[str, float]:
+    """``trainer.validate`` of ``run``'s last.ckpt in this process, built from config.yaml."""
+    import dataclasses
+
+    import lightning as L
+
+    from coorddet.config import build_config
+    from coorddet.data import CocoDataModule
+    from coorddet.models import build_model
+    from coorddet.module import DetectionModule
+
+    config = build_config(yaml.safe_load((run / "config.yaml").read_text()))
+    module = DetectionModule(build_model(**config.model), **dataclasses.asdict(config.eval))
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=config.trainer.limit_val_batches,
+    )
+    trainer.validate(
+        module,
+        datamodule=CocoDataModule(**dataclasses.asdict(config.data)),
+        ckpt_path=run / "checkpoints" / "last.ckpt",
+        weights_only=True,
+        verbose=False,
+    )
+    return {k: (None if math.isnan(v) else v) for k, v in module.last_metrics.items()}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Lightning's notes on the bare Trainer
+def test_ddp_on_cpu_matches_one_process(odd_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    result = train(
+        "--data", odd_dataset, "--out", out, "--coordconv", "--quiet",
+        "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp",
+        "--limit-train-batches", "2", "--limit-val-batches", "1.0",
+        env=USER_WARNINGS,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    # --quiet: one line of output, nothing from Lightning, from either process.
+    assert result.stderr == "", result.stderr[-3000:]
+    assert result.stdout.splitlines() == [
+        f"run written to {out}/ (checkpoints/best.ckpt, metrics.json, config.yaml)"
+    ]
+    assert json.loads((out / "metrics.json").read_text())["epochs"] == 1
+    assert validation_epochs(read_csv(out / "logs" / "metrics.csv")) == [0]
+    assert yaml.safe_load((out / "config.yaml").read_text())["trainer"]["devices"] == 2
+    # The validation at the end of that epoch ran on 2 processes (each image once, the padded
+    # duplicate dropped) with the weights saved in last.ckpt: one process must agree.
+    assert_same_metrics(validate_on_one_process(out), metric_values(out))
+
+
+# --- resume --------------------------------------------------------------------------------
+
+
+def test_resume_after_sigkill_mid_epoch(tiny_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = [
+        sys.executable, *SMOKE, "--data", str(tiny_dataset), "--out", str(out), "--quiet",
+        "--max-epochs", "2", "--limit-train-batches", "3", "--limit-val-batches", "1",
+        "--no-augment",  # the augmentation stream restarts on resume; see module notes
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    process = subprocess.Popen(args, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    log = out / "logs" / "metrics.csv"
+    deadline = time.monotonic() + 240
+    try:
+        # Kill once epoch 0 is checkpointed and epoch 1 has logged a training step.
+        while time.monotonic() < deadline and process.poll() is None:
+            if (out / "checkpoints" / "last.ckpt").is_file() and log.is_file():
+                if any(row["epoch"] == "1" and row["loss"] for row in read_csv(log)):
+                    break
+            time.sleep(0.05)
+        assert process.poll() is None, f"finished before the kill: {process.stderr.read()}"
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert not (out / "metrics.json").exists()
+    killed = read_csv(log)
+    first_step_of_epoch_1 = next(r for r in killed if r["epoch"] == "1" and r["loss"])
+
+    result = run_cli(*args[1:], "--resume", "last")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / "metrics.json").read_text())["epochs"] == 2
+    rows = read_csv(log)
+    assert validation_epochs(rows) == [0, 1]  # none lost, none twice
+    steps = [int(row["step"]) for row in rows if row["loss"]]
+    assert steps == list(range(6))  # the killed epoch's logged step was replaced, not repeated
+    # Restored RNG state: epoch 1 sees the same batches and RPN/ROI samples as before the kill.
+    again = next(r for r in rows if r["epoch"] == "1" and r["loss"])
+    assert again["step"] == first_step_of_epoch_1["step"]
+    assert float(again["loss"]) == pytest.approx(float(first_step_of_epoch_1["loss"]), abs=1e-6)
+
+    # Resuming a finished run does nothing and says so.
+    before = (out / "metrics.json").read_bytes()
+    done = run_cli(*args[1:], "--resume", "last")
+    assert done.returncode == 0 and "nothing to do" in done.stderr
+    assert (out / "metrics.json").read_bytes() == before
+
+
+def test_nan_loss_stops_and_keeps_checkpoints(
+    smoke_runs: dict[str, Path], tiny_dataset: Path, tmp_path: Path
+) -> None:
+    """Resume the smoke run from a last.ckpt whose classifier weights are NaN.
+
+    Deterministic and cheap: the very first step's loss is NaN, whatever the data order.
+    """
+    run = tmp_path / "run"
+    shutil.copytree(smoke_runs["baseline"], run)
+    last = run / "checkpoints" / "last.ckpt"
+    state = torch.load(last, map_location="cpu", weights_only=True)
+    state["state_dict"]["model.roi_heads.box_predictor.cls_score.weight"].fill_(math.nan)
+    torch.save(state, last)
+    before = {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()}
+    before["metrics.json"] = (run / "metrics.json").read_bytes()
+
+    result = train(
+        "--data", tiny_dataset, "--out", run, "--no-coordconv", "--quiet",
+        "--resume", "last", "--max-epochs", "2",
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "loss is not finite" in lines[0] and "loss_classifier=nan" in lines[0]
+    after = {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()}
+    after["metrics.json"] = (run / "metrics.json").read_bytes()
+    assert after == before
+
+
+# --- user errors: exit 2, one line, no traceback -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def broken_dataset(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: Path) -> Path:
+    out = tmp_path_factory.mktemp("broken") / "data"
+    shutil.copytree(tiny_dataset, out)
+    (out / "annotations" / "instances_val.json").write_text('{"images": [')
+    return out
+
+
+@pytest.fixture(scope="module")
+def config_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("configs")
+    (folder / "unknown.yaml").write_text("trainer:\n  max_epoch: 3\n")
+    (folder / "wrong_type.yaml").write_text("data:\n  batch_size: many\n")
+    (folder / "evil.yaml").write_text(
+        f"seed: !!python/object/apply:os.system ['touch {folder / 'payload-ran'}']\n"
+    )
+    return folder
+
+
+FAST_ERRORS = {
+    # name: (flags, needles); the test fills in {configs}, a non-empty folder
+    "negative epochs": (["--max-epochs", "-1"], ["trainer.max_epochs", ">= 1"]),
+    "epochs not a number": (["--max-epochs", "two"], ["--max-epochs", "two"]),
+    "zero batch size": (["--batch-size", "0"], ["data.batch_size"]),
+    "negative lr": (["--lr", "-0.1"], ["optim.lr"]),
+    "unknown optimizer": (["--optimizer", "rmsprop"], ["--optimizer", "rmsprop"]),
+    "limit too big": (["--limit-train-batches", "1.5"], ["limit_train_batches"]),
+    "zero devices": (["--devices", "0"], ["trainer.devices"]),
+    "spawn strategy": (["--strategy", "ddp_spawn"], ["ddp_spawn"]),
+    "negative workers": (["--num-workers", "-2"], ["data.num_workers"]),
+    "unknown flag": (["--epochs", "3"], ["--epochs"]),
+    "unknown config key": (["--config", "{configs}/unknown.yaml"], ["trainer.max_epoch"]),
+    "wrong config type": (["--config", "{configs}/wrong_type.yaml"], ["data.batch_size", "many"]),
+    "python yaml tag": (["--config", "{configs}/evil.yaml"], ["evil.yaml", "safe YAML"]),
+    "missing config": (["--config", "{configs}/none.yaml"], ["none.yaml"]),
+    "missing dataset": (["--data", "{configs}/no-data"], ["no-data", "python -m data_gen"]),
+    "run dir exists": (["--out", "{configs}"], ["--resume", "--overwrite", "{configs}"]),
+    "resume nothing": (["--out", "{configs}/fresh", "--resume", "last"], ["--resume", "last.ckpt"]),
+    "resume and overwrite": (["--resume", "last", "--overwrite"], ["--resume", "--overwrite"]),
+}
+
+
+@pytest.mark.parametrize("case", FAST_ERRORS)
+def test_user_errors(case: str, tiny_dataset: Path, config_files: Path) -> None:
+    flags, needles = FAST_ERRORS[case]
+    fill = {"configs": config_files}
+    flags = [flag.format(**fill) for flag in flags]
+    defaults = ["--data", str(tiny_dataset), "--out", str(config_files / "never-written")]
+    result = run_cli("train.py", *defaults, *flags, "--quiet")
+    assert_user_error(result, *(needle.format(**fill) for needle in needles))
+    assert not (config_files / "never-written").exists()
+    assert not (config_files / "payload-ran").exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "needles"),
+    [
+        (["--data", "{broken}"], ["instances_val.json", "not valid JSON", "python -m data_gen"]),
+        (["--resume", "last", "--coordconv"], ["coordconv=True", "checkpoint: False"]),
+        (["--resume", "{evil}"], ["evil.ckpt", "refused"]),
+    ],
+    ids=["malformed dataset", "resume other model", "resume pickled code"],
+)
+def test_slow_user_errors(
+    flags: list[str],
+    needles: list[str],
+    broken_dataset: Path,
+    tiny_dataset: Path,
+    smoke_runs: dict[str, Path],
+    tmp_path: Path,
+) -> None:
+    """Errors found once the libraries are loaded (a few seconds each)."""
+    run = tmp_path / "run"
+    shutil.copytree(smoke_runs["baseline"], run)
+    before = sorted((str(p), p.stat().st_mtime_ns) for p in run.rglob("*"))
+    evil = tmp_path / "evil.ckpt"  # unpickling it would create the file `payload-ran`
+    torch.save({"state_dict": {}, "payload": _Payload(tmp_path / "payload-ran")}, evil)
+    flags = [flag.format(broken=broken_dataset, evil=evil) for flag in flags]
+    if "--resume" not in flags:
+        run = tmp_path / "never-written"
+    result = train("--data", tiny_dataset, "--out", run, *flags, "--quiet")
+    assert_user_error(result, *needles)
+    assert sorted((str(p), p.stat().st_mtime_ns) for p in (tmp_path / "run").rglob("*")) == before
+    assert not (tmp_path / "never-written").exists()
+    assert not (tmp_path / "payload-ran").exists()
+
+
+class _Payload:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple:
+        return (Path.touch, (self.path,))
