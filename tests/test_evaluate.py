@@ -61,16 +61,15 @@ def write(path: Path, data: object) -> Path:
 
 def markdown_table(text: str, heading: str) -> dict[str, list[str]]:
     """The first table after ``heading`` as {first cell: other cells} (header row: "metric")."""
-    section = text.split(heading, 1)[1]
-    lines = [line for line in section.splitlines() if line.startswith("|")]
-    end = next((i for i, line in enumerate(lines) if not line.startswith("|")), len(lines))
-    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines[:end]]
-    table = {}
-    for row in rows:
-        if row[0] in table:  # the next table begins
-            break
-        if not row[0].startswith("---"):
-            table[row[0]] = row[1:]
+    table: dict[str, list[str]] = {}
+    for line in text.split(heading, 1)[1].splitlines():
+        if not line.startswith("|"):
+            if table:
+                break  # the end of the table
+            continue
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if not cells[0].startswith("---"):
+            table[cells[0]] = cells[1:]
     return table
 
 
