@@ -94,6 +94,9 @@ def _check_out(args: Any) -> Path:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a report folder; choose another --out")
+    here = Path.cwd().resolve()
+    if out.is_dir() and out.resolve() in [here, *here.parents]:  # it is replaced, not filled
+        raise UserError(f"--out {out} is or holds the current folder; name a new report folder")
     if out.is_dir() and any(out.iterdir()):
         if not args.overwrite:
             raise UserError(

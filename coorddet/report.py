@@ -194,6 +194,7 @@ def staged_dir(out: Path) -> Iterator[Path]:
     an exception the staging folder is removed and ``out`` is left as it was; a killed process
     leaves only a hidden ``.<name>.tmp-<pid>`` folder, which the next call for ``out`` removes.
     """
+    out = Path(os.path.abspath(out))  # "." has no name to stage a sibling with
     _remove_stale(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -304,6 +304,7 @@ BAD_INPUTS = {
     "unknown image ids": (["--predictions", "{tmp}/unknown_ids.json", "--name", "x"],
                           ["unknown_ids.json", "image ids not in", "999999"]),
     "existing --out": (["{ckpt}", "--out", "{tmp}/full"], ["full", "--overwrite"]),
+    "--out is the current folder": (["{ckpt}", "--out", ".", "--overwrite"], ["current folder"]),
     "--out is a file": (["{ckpt}", "--out", "{tmp}/notes.ckpt", "--overwrite"], ["is a file"]),
     "--overwrite an input": (["{tmp}/full/copy.ckpt", "--out", "{tmp}/full", "--overwrite"],
                              ["full", "holds the input"]),
