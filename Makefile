@@ -7,7 +7,7 @@ DEMO_DATA := data/demo
 DEMO_RUNS := runs/demo
 DEMO_REPORT := reports/demo
 
-.PHONY: install demo test lint format bench paper clean
+.PHONY: install demo test lint format bench clean
 
 # Re-install only when pyproject.toml changes (the stamp is newer otherwise).
 $(STAMP): pyproject.toml
@@ -37,10 +37,7 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/run.py --out benchmarks/latest.json
-
-paper: $(STAMP)
-	$(BIN)/python experiments/paper_repro.py
+	$(BIN)/python benchmarks/model_speed.py
 
 clean:
 	rm -rf $(DEMO_DATA) $(DEMO_RUNS) $(DEMO_REPORT) .pytest_cache .ruff_cache

@@ -265,6 +265,8 @@ def build_model(
     if roi_pool == "pool" and not single_map:
         raise ValueError(f"roi_pool='pool' is not valid for backbone={backbone!r}; use 'align'")
     sites = check_sites(coordconv_sites)  # also when coordconv=False: no silent typos
+    if coordconv and not sites:
+        raise ValueError("coordconv_sites=[] is not valid with coordconv=True; name sites")
     _integer("num_classes", num_classes, minimum=2)
     for name, value in [
         ("canvas_size", canvas_size),

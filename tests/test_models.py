@@ -177,6 +177,7 @@ def test_detector_options_reach_torchvision():
         ({"backbone": "resnet50-fpn", "roi_pool": "pool"}, "roi_pool='pool' is not valid"),
         ({"coordconv_sites": ["stem"]}, "unknown CoordConv site.*valid sites: backbone-stem"),
         ({"coordconv": True, "coordconv_sites": ["fpn"]}, "'fpn' matches no conv"),
+        ({"coordconv": True, "coordconv_sites": []}, "coordconv_sites=\\[\\] is not valid"),
         ({"num_classes": 1}, "num_classes=1 is not valid"),
         ({"box_head_width": 0}, "box_head_width=0 is not valid"),
         ({"box_batch_size_per_image": 2.5}, "box_batch_size_per_image=2.5 is not valid"),
