@@ -143,6 +143,12 @@ def main() -> None:
         help="a build_model option (lists: a,b,c); repeatable",
     )
     parser.add_argument("--sweep", action="store_true", help="run the lever sweep")
+    parser.add_argument(
+        "--only",
+        default="",
+        metavar="TEXT",
+        help="with --sweep: only variants whose name contains TEXT",
+    )
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--batch", type=int, default=16)
@@ -161,7 +167,8 @@ def main() -> None:
         f"{'variant':46s} {'baseline':>15s} {'coordconv':>15s} {'ratio':>6s} {'vs defaults':>11s}"
     )
     print(f"{'':46s} {'img/s med(best)':>15s} {'img/s med(best)':>15s}")
-    for name, options in SWEEP if args.sweep else [("defaults", {})]:
+    runs = [run for run in SWEEP if args.only in run[0]] if args.sweep else [("defaults", {})]
+    for name, options in runs:
         # Each variant is stepped round-robin with the defaults, so a busy spell on this
         # shared machine slows both alike and 'vs defaults' (step-time ratio) stays fair.
         variants = {"defaults": base, name: {**base, **options}}
