@@ -27,6 +27,7 @@ from typing import Any, Union
 import yaml
 
 from coorddet.errors import UserError
+from coorddet.fileio import write_text_atomic
 
 OPTIMIZERS = ("sgd", "adamw", "adam")
 SCHEDULERS = ("cosine", "step", "none")
@@ -342,6 +343,4 @@ def _deep_copy(value: Any) -> Any:
 
 def dump_yaml(config: TrainConfig, path: Path) -> None:
     """Write the resolved config atomically (temp file + rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    tmp.replace(path)
+    write_text_atomic(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -10,13 +10,13 @@ Checks here run before ``lightning`` is imported, so mistakes are reported in a 
 from __future__ import annotations
 
 import csv
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from coorddet.errors import UserError
+from coorddet.fileio import write_json_atomic
 
 if TYPE_CHECKING:
     from coorddet.checkpoint import LoadedCheckpoint
@@ -130,6 +130,4 @@ def _epoch(row: dict[str, str]) -> float:
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write ``data`` atomically (temp file + rename): a reader sees the old or the new file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    write_json_atomic(path, data)
