@@ -20,6 +20,8 @@ import torch
 
 from coorddet.errors import UserError
 
+CHECKPOINT_KEY = "coorddet"  # marks a checkpoint as ours; holds the resolved run config
+
 if TYPE_CHECKING:  # torchvision loads only when a model is built: failed loads stay quick
     from torchvision.models.detection import FasterRCNN
 
@@ -118,8 +120,6 @@ def load_checkpoint(path: str | Path, *, trust: bool = False) -> LoadedCheckpoin
         # weights_only raises e.g. KeyError on text files, RuntimeError on cut zip archives,
         # EOFError on cut pickles; a trusted unpickle can raise anything.
         raise UserError(f"{path}: {_UNREADABLE} ({_first_line(error)})") from None
-    from coorddet.module import CHECKPOINT_KEY  # imports lightning: only after a good load
-
     entry = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
     config = entry.get("config") if isinstance(entry, dict) else None
     if not isinstance(config, dict):

@@ -3,7 +3,7 @@
 A config file has a few top-level keys (``name``, ``seed``, ``out``) and four sections that
 map one-to-one onto constructor arguments:
 
-- ``data:``    -> :class:`coorddet.data.CocoDataModule`
+- ``data:``    -> :class:`coorddet.datamodule.CocoDataModule`
 - ``model:``   -> :func:`coorddet.models.build_model` (any of its keyword arguments)
 - ``optim:``   -> :class:`OptimConfig` (optimizer and learning-rate schedule)
 - ``trainer:`` -> :class:`TrainerConfig` (the ``lightning.Trainer`` arguments we expose)

@@ -14,24 +14,20 @@ files. Labels are COCO category ids (``data_gen``: digit + 1); 0 is the backgrou
 from __future__ import annotations
 
 import contextlib
-import inspect
 import io
 import json
 import math
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
 from PIL import Image
 from pycocotools.coco import COCO
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from coorddet.errors import UserError
-from coorddet.transforms import POLICIES, build_transforms, reseed
 
 Target = dict[str, torch.Tensor]
 
@@ -130,6 +126,8 @@ class CocoDetection(Dataset):
     def reseed(self, seed: int) -> None:
         """Restart the augmentation's random stream (no-op without transforms)."""
         if self.transforms is not None:
+            from coorddet.transforms import reseed  # albumentations: only when augmenting
+
             reseed(self.transforms, seed)
 
 
@@ -158,97 +156,6 @@ def collate_detection(
         for target, part in zip(joined, parts, strict=True):
             target[key] = part
     return images, joined
-
-
-def _seed_augmentation_worker(worker_id: int, *, rank: int) -> None:
-    """DataLoader ``worker_init_fn``: give each worker (and each rank) its own augmentation stream.
-
-    A forked worker inherits a copy of the parent's generator, so without this every worker
-    would produce the same augmentations, and non-persistent workers the same ones every
-    epoch. ``info.seed`` comes from the torch RNG, so ``seed_everything`` makes it reproducible.
-    """
-    info = torch.utils.data.get_worker_info()
-    info.dataset.reseed(_mix_seed(info.seed, rank))
-
-
-def _mix_seed(seed: int, rank: int) -> int:
-    return int(np.random.SeedSequence([seed % 2**63, rank]).generate_state(1)[0])
-
-
-class CocoDataModule(L.LightningDataModule):
-    """Train/val loaders over a ``data_gen`` dataset in ``data_dir``.
-
-    Training images are augmented with ``augment_policy`` (see :mod:`coorddet.transforms`)
-    when ``augment``; validation images never are. Batches are ``collate_detection`` output.
-    Lightning adds the ``DistributedSampler`` under DDP.
-    """
-
-    def __init__(
-        self,
-        data_dir: str,
-        *,
-        batch_size: int = 16,
-        num_workers: int = 0,
-        augment: bool = True,
-        augment_policy: str = "digits",
-        train_split: str = "train",
-        val_split: str = "val",
-        pin_memory: bool = False,
-    ) -> None:
-        super().__init__()
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise UserError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            raise UserError(f"num_workers must be an integer >= 0, got {num_workers!r}")
-        if augment_policy not in POLICIES:
-            raise UserError(
-                f"unknown augment_policy {augment_policy!r}; valid: {', '.join(POLICIES)}"
-            )
-        # Lightning's default frame lookup leaves a frame cycle that pins the caller's locals
-        # (loaders with live workers among them) until the garbage collector runs; handing it
-        # our own frame avoids that.
-        self.save_hyperparameters(frame=inspect.currentframe())
-        self.train_dataset: CocoDetection | None = None
-        self.val_dataset: CocoDetection | None = None
-
-    def setup(self, stage: str | None = None) -> None:
-        """Open (check and decode) the splits ``stage`` needs, once."""
-        hp = self.hparams
-        if stage in (None, "fit") and self.train_dataset is None:
-            transforms = build_transforms(hp.augment_policy) if hp.augment else None
-            self.train_dataset = CocoDetection(hp.data_dir, hp.train_split, transforms)
-        if stage in (None, "fit", "validate") and self.val_dataset is None:
-            self.val_dataset = CocoDetection(hp.data_dir, hp.val_split)
-
-    def train_dataloader(self) -> DataLoader:
-        dataset = self._opened(self.train_dataset, "train")
-        rank = self.trainer.global_rank if self.trainer is not None else 0
-        if self.hparams.num_workers == 0:
-            dataset.reseed(_mix_seed(torch.initial_seed(), rank))
-        return self._loader(dataset, shuffle=True, rank=rank)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self._opened(self.val_dataset, "val"), shuffle=False, rank=0)
-
-    def _loader(self, dataset: CocoDetection, *, shuffle: bool, rank: int) -> DataLoader:
-        workers = self.hparams.num_workers
-        return DataLoader(
-            dataset,
-            batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            drop_last=False,
-            num_workers=workers,
-            collate_fn=collate_detection,
-            pin_memory=self.hparams.pin_memory,
-            persistent_workers=workers > 0,
-            worker_init_fn=partial(_seed_augmentation_worker, rank=rank) if workers else None,
-        )
-
-    @staticmethod
-    def _opened(dataset: CocoDetection | None, name: str) -> CocoDetection:
-        if dataset is None:
-            raise RuntimeError(f"call setup() before the {name} dataloader")
-        return dataset
 
 
 # --- checks: every way a COCO file on disk can be wrong, as one-line UserErrors -------------

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from coorddet.checkpoint import CHECKPOINT_KEY
 from coorddet.metrics import METRIC_KEYS, ImagePrediction, evaluate_records, predict_with_proposals
 
-CHECKPOINT_KEY = "coorddet"  # marks a checkpoint as ours; holds the resolved run config
 CHECKPOINT_FORMAT = 1
 
 

@@ -17,7 +17,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from coorddet.data import CocoDataModule, CocoDetection, annotation_file, collate_detection
+from coorddet.data import CocoDetection, annotation_file, collate_detection
+from coorddet.datamodule import CocoDataModule
 from coorddet.errors import UserError
 from coorddet.transforms import build_transforms
 

@@ -147,7 +147,7 @@ def validate_on_one_process(run: Path) -> dict[str, float]:
     import lightning as L
 
     from coorddet.config import build_config
-    from coorddet.data import CocoDataModule
+    from coorddet.datamodule import CocoDataModule
     from coorddet.models import build_model
     from coorddet.module import DetectionModule
 

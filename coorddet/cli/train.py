@@ -125,7 +125,7 @@ def _check_dataset(data_dir: str) -> None:
 
 
 def _open_data(config: TrainConfig) -> Any:
-    from coorddet.data import CocoDataModule
+    from coorddet.datamodule import CocoDataModule
 
     hint = DATA_GEN_HINT.format(data=config.data.data_dir)
     try:
