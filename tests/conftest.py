@@ -61,3 +61,33 @@ def smoke_runs(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: Path) -> 
         assert result.returncode == 0, result.stderr[-3000:]
         out[name] = runs / name
     return out
+
+
+# --- the robustness summary: one line at the end of a run (issue 8) ----------------------------
+
+_robustness: dict[str, dict[str, int]] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Tally each ``@pytest.mark.robustness`` test's outcome per test file."""
+    if "robustness" not in report.keywords:
+        return
+    if report.when == "call" or (report.when == "setup" and not report.passed):
+        counts = _robustness.setdefault(report.nodeid.split("::")[0], {})
+        counts[report.outcome] = counts.get(report.outcome, 0) + 1
+
+
+def pytest_terminal_summary(terminalreporter) -> None:  # noqa: ANN001 - pytest's own type
+    if not _robustness:
+        return
+    total: dict[str, int] = {}
+    for counts in _robustness.values():
+        for outcome, n in counts.items():
+            total[outcome] = total.get(outcome, 0) + n
+    files = ", ".join(
+        f"{Path(path).name} {sum(counts.values())}" for path, counts in sorted(_robustness.items())
+    )
+    outcomes = ", ".join(f"{n} {outcome}" for outcome, n in sorted(total.items()))
+    terminalreporter.write_line(
+        f"robustness (bad input, interruption, untrusted files): {outcomes} ({files})"
+    )

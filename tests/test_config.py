@@ -130,6 +130,7 @@ def test_lightning_device_forms_pass(devices: int | str) -> None:
     assert build_config({}, {"trainer.devices": devices}).trainer.devices == devices
 
 
+@pytest.mark.robustness
 def test_yaml_python_tags_are_refused(tmp_path: Path) -> None:
     marker = tmp_path / "payload-ran"
     path = tmp_path / "evil.yaml"

@@ -298,6 +298,7 @@ BAD_INPUTS = {
 }
 
 
+@pytest.mark.robustness
 @pytest.mark.parametrize("case", BAD_INPUTS)
 def test_bad_input_raises_one_clear_line(root, tmp_path, case):
     break_it, names, problem = BAD_INPUTS[case]

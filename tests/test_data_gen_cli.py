@@ -209,6 +209,7 @@ BAD_INPUTS = {
 }
 
 
+@pytest.mark.robustness
 @pytest.mark.parametrize("case", BAD_INPUTS)
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(env, tmp_path, case):
     args, named = BAD_INPUTS[case]
@@ -222,6 +223,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(env, tmp_path, case)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
 
 
+@pytest.mark.robustness
 def test_non_empty_out_is_refused_unless_overwrite(env, tmp_path):
     out = tmp_path / "ds"
     out.mkdir()
@@ -235,6 +237,7 @@ def test_non_empty_out_is_refused_unless_overwrite(env, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
 
 
+@pytest.mark.robustness
 def test_sigkill_mid_run_leaves_nothing_at_out_and_a_rerun_succeeds(env, tmp_path):
     out = tmp_path / "ds"
     command = [sys.executable, "-m", "data_gen", "--out", str(out), "--train", "200000", "--quiet"]

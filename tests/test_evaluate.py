@@ -353,12 +353,14 @@ def bad_input(tmp_path_factory, tiny_dataset, checkpoints) -> SimpleNamespace:
     return SimpleNamespace(tmp=tmp, results=results, marker=marker)
 
 
+@pytest.mark.robustness
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_is_one_line_and_exit_2(case, bad_input):
     assert_user_error(bad_input.results[case], *BAD_INPUTS[case][1])
     assert not (bad_input.tmp / f"out-{case}").exists()
 
 
+@pytest.mark.robustness
 def test_bad_input_deletes_and_runs_nothing(bad_input, checkpoints):
     assert not bad_input.marker.exists()  # the refused checkpoint's payload never ran
     assert (bad_input.tmp / "full" / "copy.ckpt").read_bytes() == checkpoints[
@@ -376,6 +378,7 @@ MORE_BAD_INPUTS = {
 }  # fmt: skip
 
 
+@pytest.mark.robustness
 @pytest.mark.parametrize("case", list(MORE_BAD_INPUTS))
 def test_more_bad_input_in_process(case, bad_input, tiny_dataset, checkpoints, capsys):
     if case == "no CUDA here" and torch.cuda.is_available():
@@ -394,6 +397,7 @@ def test_more_bad_input_in_process(case, bad_input, tiny_dataset, checkpoints, c
 # Interruption ---------------------------------------------------------------------------------
 
 
+@pytest.mark.robustness
 def test_killed_evaluation_leaves_the_old_report_untouched(tmp_path, tiny_dataset, checkpoints,
                                                            report):  # fmt: skip
     out = tmp_path / "report"

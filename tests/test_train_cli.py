@@ -198,6 +198,7 @@ def test_ddp_on_cpu_matches_one_process(odd_dataset: Path, tmp_path: Path) -> No
 # --- resume --------------------------------------------------------------------------------
 
 
+@pytest.mark.robustness
 def test_resume_after_sigkill_mid_epoch(tiny_dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     args = [
@@ -246,6 +247,7 @@ def test_resume_after_sigkill_mid_epoch(tiny_dataset: Path, tmp_path: Path) -> N
     assert (out / "metrics.json").read_bytes() == before
 
 
+@pytest.mark.robustness
 def test_nan_loss_stops_and_keeps_checkpoints(
     smoke_runs: dict[str, Path], tiny_dataset: Path, tmp_path: Path
 ) -> None:
@@ -320,6 +322,7 @@ FAST_ERRORS = {
 }
 
 
+@pytest.mark.robustness
 @pytest.mark.parametrize("case", FAST_ERRORS)
 def test_user_errors(case: str, tiny_dataset: Path, config_files: Path) -> None:
     flags, needles = FAST_ERRORS[case]
@@ -332,6 +335,7 @@ def test_user_errors(case: str, tiny_dataset: Path, config_files: Path) -> None:
     assert not (config_files / "payload-ran").exists()
 
 
+@pytest.mark.robustness
 @pytest.mark.parametrize(
     ("flags", "needles"),
     [
