@@ -1,0 +1,292 @@
+"""coorddet benchmark: generation, training (Lightning and a bare loop) and inference speed.
+
+    python benchmarks/run.py [--quick] [--out FILE.json]      (make bench)
+
+Measures on this machine and prints a table; ``--out`` also writes the pinned JSON keys:
+
+- ``gen_canvases_per_s``: ``data_gen.generate`` end to end with the default setup (64x64
+  canvases, 5 digits, 9,000/1,000/1,000, default workers, PNG writing included);
+- ``train_img_per_s_baseline`` / ``train_img_per_s_coordconv``: ``mnist-small`` at batch 16
+  through the real Lightning path (``DetectionModule``, ``CocoDataModule`` and the Trainer that
+  ``train.py`` builds, on the generated data): batch size over the median time between
+  consecutive ``on_train_batch_end`` calls after warm-up (data loading, step, logging);
+- ``coordconv_step_ratio``: CoordConv step time over baseline step time, the two models
+  stepped alternately in one bare loop on the same batches, so machine noise hits both alike;
+- ``plain_loop_img_per_s``: the baseline trained by a bare PyTorch loop over the same
+  DataLoader, optimizer and schedule; ``lightning_overhead_ratio``: its img/s over
+  Lightning's, measured in alternating rounds (> 1: Lightning is slower);
+- ``eval_img_per_s``: ``coorddet.evaluate``'s inference (detections plus the paper's RPN
+  proposals) on the test split at batch 64;
+- ``torch``, ``torchvision``, ``lightning``, ``cpu``, ``cpu_count``, ``threads``.
+
+Medians over at least 20 steps after warm-up. ``--quick`` (under 2 minutes) takes fewer steps
+and one round. torch uses ``--threads`` threads (default: torch's own choice).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+import torchvision  # noqa: E402
+
+from coorddet.cli.trainer_io import build_trainer, quiet_lightning  # noqa: E402
+from coorddet.config import build_config  # noqa: E402
+from coorddet.data import CocoDetection, collate_detection  # noqa: E402
+from coorddet.datamodule import CocoDataModule  # noqa: E402
+from coorddet.fileio import write_json_atomic  # noqa: E402
+from coorddet.metrics import predict_with_proposals  # noqa: E402
+from coorddet.models import build_model  # noqa: E402
+from coorddet.module import DetectionModule  # noqa: E402
+from data_gen import GeneratorConfig, generate  # noqa: E402
+
+BATCH = 16
+EVAL_BATCH = 64
+
+
+class StepTimer(L.Callback):
+    """Seconds between consecutive training batch ends; stops the fit after ``total`` steps."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.times: list[float] = []
+        self.last: float | None = None
+
+    def on_train_batch_end(self, trainer, *args: Any) -> None:  # noqa: ANN001
+        now = time.perf_counter()
+        if self.last is not None:
+            self.times.append(now - self.last)
+        self.last = now
+        if len(self.times) >= self.total:
+            trainer.should_stop = True
+
+
+def bench_generation(out: Path) -> tuple[float, Path]:
+    started = time.perf_counter()
+    summary = generate(GeneratorConfig(out=str(out)))
+    seconds = time.perf_counter() - started
+    return sum(summary.images.values()) / seconds, out
+
+
+def config_for(data: Path, out: Path, *, coordconv: bool, steps: int) -> Any:
+    return build_config(
+        {},
+        {
+            "data.data_dir": str(data),
+            "data.batch_size": BATCH,
+            "model.backbone": "mnist-small",
+            "model.coordconv": coordconv,
+            "trainer.max_epochs": 1,
+            "trainer.accelerator": "cpu",
+            "trainer.devices": 1,
+            "trainer.limit_train_batches": steps + 1,
+            "trainer.limit_val_batches": 1,  # after the timed steps
+            "out": str(out),
+        },
+    )
+
+
+def lightning_steps(data: Path, tmp: Path, *, coordconv: bool, steps: int) -> list[float]:
+    """Step times of one ``train.py``-style fit (the first ``warmup`` are dropped by callers)."""
+    config = config_for(data, tmp / f"run-{coordconv}-{time.monotonic_ns()}", coordconv=coordconv,
+                        steps=steps)  # fmt: skip
+    L.seed_everything(config.seed, verbose=False)
+    datamodule = CocoDataModule(**dataclasses.asdict(config.data))
+    module = DetectionModule(
+        build_model(**config.model),
+        **dataclasses.asdict(config.optim),
+        **dataclasses.asdict(config.eval),
+        run_config=config.to_dict(),
+    )
+    trainer = build_trainer(config, quiet=True)
+    timer = StepTimer(steps)
+    trainer.callbacks.append(timer)
+    trainer.fit(module, datamodule=datamodule)
+    return timer.times
+
+
+def plain_steps(data: Path, *, steps: int) -> list[float]:
+    """The baseline in a bare loop: the same DataLoader, optimizer and schedule as Lightning's."""
+    config = config_for(data, Path("unused"), coordconv=False, steps=steps)
+    L.seed_everything(config.seed, verbose=False)
+    datamodule = CocoDataModule(**dataclasses.asdict(config.data))
+    datamodule.setup("fit")
+    model = build_model(**config.model).train()
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=config.optim.lr, momentum=config.optim.momentum,
+        weight_decay=config.optim.weight_decay,
+    )  # fmt: skip
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    times: list[float] = []
+    last = None
+    for index, (images, targets) in enumerate(datamodule.train_dataloader()):
+        losses = model(images, targets)
+        loss = sum(losses.values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        now = time.perf_counter()
+        if last is not None:
+            times.append(now - last)
+        last = now
+        if index >= steps:
+            break
+    return times
+
+
+def interleaved_ratio(data: Path, *, steps: int, warmup: int) -> tuple[float, dict[str, float]]:
+    """CoordConv / baseline step time, the two models stepped alternately on the same batches."""
+    dataset = CocoDetection(data, "train")
+    batches = [
+        collate_detection([dataset[i] for i in range(start, start + BATCH)])
+        for start in range(0, 8 * BATCH, BATCH)
+    ]
+    models, optimizers = {}, {}
+    for arm in ("baseline", "coordconv"):
+        torch.manual_seed(0)
+        models[arm] = build_model(coordconv=arm == "coordconv").train()
+        optimizers[arm] = torch.optim.SGD(models[arm].parameters(), lr=0.01, momentum=0.9)
+    times: dict[str, list[float]] = {arm: [] for arm in models}
+    for step in range(warmup + steps):
+        images, targets = batches[step % len(batches)]
+        for arm, model in models.items():
+            started = time.perf_counter()
+            loss = sum(model(images, targets).values())
+            optimizers[arm].zero_grad(set_to_none=True)
+            loss.backward()
+            optimizers[arm].step()
+            if step >= warmup:
+                times[arm].append(time.perf_counter() - started)
+    median = {arm: statistics.median(values) for arm, values in times.items()}
+    return median["coordconv"] / median["baseline"], median
+
+
+def eval_speed(data: Path, *, batches: int) -> float:
+    dataset = CocoDetection(data, "test")
+    model = build_model(coordconv=False).eval()
+    count = min(len(dataset), batches * EVAL_BATCH)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, range(count)), batch_size=EVAL_BATCH,
+        collate_fn=collate_detection,
+    )  # fmt: skip
+    images_done, started = 0, None
+    for index, (images, targets) in enumerate(loader):
+        if index == 1:  # the first batch is warm-up
+            started, images_done = time.perf_counter(), 0
+        ids = [int(t["image_id"]) for t in targets]
+        predict_with_proposals(model, images, image_ids=ids)
+        images_done += len(images)
+    return images_done / (time.perf_counter() - started)
+
+
+def environment() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "lightning": L.__version__,
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python benchmarks/run.py", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--quick", action="store_true", help="fewer steps, one round (< 2 min)")
+    parser.add_argument("--out", metavar="FILE.json", help="also write the results as JSON")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
+    if args.out and Path(args.out).is_dir():
+        parser.error(f"--out {args.out} is a folder; name a .json file")
+    steps, warmup, rounds = (20, 5, 1) if args.quick else (40, 10, 2)
+    quiet_lightning(True)
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="coorddet-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        print("generating the default dataset ...", flush=True)
+        results["gen_canvases_per_s"], data = bench_generation(tmp / "data")
+        lightning: dict[bool, list[float]] = {False: [], True: []}
+        plain: list[float] = []
+        for round_ in range(rounds):
+            print(f"training, round {round_ + 1}/{rounds} ...", flush=True)
+            for coordconv in (False, True):
+                times = lightning_steps(data, tmp, coordconv=coordconv, steps=warmup + steps)
+                lightning[coordconv] += times[warmup:]
+            plain += plain_steps(data, steps=warmup + steps)[warmup:]
+        results["train_img_per_s_baseline"] = BATCH / statistics.median(lightning[False])
+        results["train_img_per_s_coordconv"] = BATCH / statistics.median(lightning[True])
+        print("CoordConv vs baseline, interleaved ...", flush=True)
+        results["coordconv_step_ratio"], _ = interleaved_ratio(data, steps=steps, warmup=warmup)
+        results["plain_loop_img_per_s"] = BATCH / statistics.median(plain)
+        results["lightning_overhead_ratio"] = (
+            results["plain_loop_img_per_s"] / results["train_img_per_s_baseline"]
+        )
+        print("inference ...", flush=True)
+        results["eval_img_per_s"] = eval_speed(data, batches=4 if args.quick else 15)
+    results = {key: round(value, 4) for key, value in results.items()} | environment()
+    results["quick"] = args.quick
+    print_table(results)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(Path(args.out), results)
+        print(f"wrote {args.out}")
+    return 0
+
+
+TARGETS = {
+    "gen_canvases_per_s": (">=", 2000),
+    "train_img_per_s_baseline": (">=", 100),
+    "train_img_per_s_coordconv": (">=", 100),
+    "coordconv_step_ratio": ("<=", 1.03),
+    "plain_loop_img_per_s": (None, None),
+    "lightning_overhead_ratio": ("<=", 1.05),
+    "eval_img_per_s": (">=", 300),
+}
+
+
+def print_table(results: dict[str, Any]) -> None:
+    print(f"\ncoorddet benchmark ({results['cpu']}, {results['cpu_count']} CPUs, "
+          f"{results['threads']} torch threads; torch {results['torch']}, torchvision "
+          f"{results['torchvision']}, lightning {results['lightning']})")  # fmt: skip
+    print(f"{'key':28s} {'value':>10s}  target")
+    for key, (op, target) in TARGETS.items():
+        value = results[key]
+        if op is None:
+            verdict = ""
+        else:
+            met = value >= target if op == ">=" else value <= target
+            verdict = f"{op} {target:g}  {'met' if met else 'MISSED'}"
+        print(f"{key:28s} {value:10.3f}  {verdict}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
