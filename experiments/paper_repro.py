@@ -84,7 +84,7 @@ class Run:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python experiments/paper_repro.py",
-        description=__doc__.split("\n\n")[0],
+        description=__doc__.split("\n\n")[0] + " Paths are relative to the repository root.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add = parser.add_argument
@@ -107,6 +107,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add(
         "--quick", action="store_true", help="a 2-minute pipeline check on tiny data (not a result)"
     )
+    add("--render", action="store_true", help="only rewrite OUT/paper_repro.md from its JSON")
     args = parser.parse_args(argv)
     args.studies = _names(parser, "--studies", args.studies, STUDIES)
     try:
@@ -118,6 +119,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             parser.error(f"--{name} must be >= 1")
     if not (ROOT / args.config).is_file() and not Path(args.config).is_file():
         parser.error(f"--config {args.config}: no such file")
+    if args.render and not (ROOT / args.out / "paper_repro.json").is_file():
+        parser.error(f"--render: no {args.out}/paper_repro.json to render")
     if args.quick:
         args.train, args.val, args.test, args.epochs = 96, 32, 32, 1
         args.seeds = args.seeds[:1]
@@ -320,6 +323,42 @@ def _change_cell(change: dict[str, Any]) -> str:
     )
 
 
+SUMMARY_METRICS = ("rpn_iou", "gt_iou", "det_iou", "map")
+
+
+def summary_table(results: dict[str, Any]) -> str:
+    """The headline table (also pasted into the README): per study and compared arm, the
+    reference and arm means with 95% CIs, and the per-seed relative change with its 95% CI."""
+    lines = [
+        "| study | metric | baseline | CoordConv arm | change (95% CI) |",
+        "|---|---|---|---|---|",
+    ]
+    for study, data in results["studies"].items():
+        arms = list(data["arms"])
+        reference = arms[0]
+        for arm in arms[1:]:
+            if study == "with_r" and arm != "coordconv_r":
+                continue  # the uniform study's comparison, shown there
+            for key in SUMMARY_METRICS:
+                change = data["change_vs_" + reference][arm][key]["per_seed"]
+                ci = change["ci95"]
+                interval = f" [{_pct(ci[0])}, {_pct(ci[1])}]" if ci else ""
+                lines.append(
+                    f"| {study} | {key} | {_mean_ci(data['arms'][reference][key])} | "
+                    f"{arm}: {_mean_ci(data['arms'][arm][key])} | "
+                    f"{_pct(change['mean'])}{interval} |"
+                )
+    return "\n".join(lines)
+
+
+def _mean_ci(stats: dict[str, Any]) -> str:
+    if stats["mean"] is None:
+        return "-"
+    if stats["ci95"] is None:
+        return f"{stats['mean']:.3f}"
+    return f"{stats['mean']:.3f} [{stats['ci95'][0]:.3f}, {stats['ci95'][1]:.3f}]"
+
+
 def render_markdown(results: dict[str, Any]) -> str:
     env, setup = results["environment"], results["setup"]
     lines = [
@@ -340,6 +379,16 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"- wall time: {_duration(results['wall_seconds'])} for everything below"
         + ("" if not results["quick"] else " (**--quick pipeline check: not a result**)"),
         "",
+        "",
+        "## Summary",
+        "",
+        "Means over seeds [95% CI]; change: the mean of the per-seed relative changes against the "
+        "baseline of the same seed [95% CI].",
+        "",
+        summary_table(results),
+        "",
+        "## Details",
+        "",
         "Cells: mean ± std [95% CI] over seeds. Change: relative change of the arm means against "
         "the baseline, then the mean and 95% CI of the per-seed relative changes.",
     ]
@@ -347,7 +396,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         arms = list(data["arms"])
         reference = arms[0]
         changes = data["change_vs_" + reference]
-        lines += ["", f"## {study}", "", f"{data['description'].capitalize()}. "
+        lines += ["", f"### {study}", "", f"{data['description'].capitalize()}. "
                   f"Done {_duration(data['wall_seconds_since_start'])} after the start.", ""]  # fmt: skip
         header = ["metric", *arms, *(f"{arm} vs {reference}" for arm in arms[1:])]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -373,6 +422,10 @@ def render_markdown(results: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     os.chdir(ROOT)
+    if args.render:
+        payload = json.loads((Path(args.out) / "paper_repro.json").read_text())
+        write_text_atomic(Path(args.out) / "paper_repro.md", render_markdown(payload))
+        return 0
     log = Log()
     command = shlex.join(["python", "experiments/paper_repro.py", *(argv or sys.argv[1:])])
     log(f"{command}: studies {', '.join(args.studies)}, seeds {args.seeds}, {args.epochs} epochs")
