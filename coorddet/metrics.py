@@ -82,14 +82,17 @@ def paper_proposals(
     *,
     top_k: int = 10,
     nms_iou: float = 0.8,
+    rpn_outputs: Mapping[str, Any] | None = None,
 ) -> list[Tensor]:
     """The RPN proposals of the CoordConv paper: NMS at ``nms_iou``, then the ``top_k`` best.
 
     Runs a shallow copy of ``model.rpn`` (a torchvision ``RegionProposalNetwork``, shared weights)
     in eval mode with those settings; the model itself is not changed. NMS is per feature level,
     as in torchvision. ``images`` is the ``ImageList`` from ``model.transform``; ``features``
-    what ``model.backbone`` returned for it. Returns per image a float ``(P, 4)`` xyxy tensor,
-    ``P <= top_k``, best objectness first, in the *transformed* image's pixels.
+    what ``model.backbone`` returned for it. ``rpn_outputs`` (``{"head": ..., "anchors": ...}``,
+    what ``model.rpn.head`` and ``model.rpn.anchor_generator`` returned for these ``features``)
+    skips recomputing them. Returns per image a float ``(P, 4)`` xyxy tensor, ``P <= top_k``,
+    best objectness first, in the *transformed* image's pixels.
     """
     if top_k < 1 or not 0.0 < nms_iou <= 1.0:
         raise ValueError(f"need top_k >= 1 and 0 < nms_iou <= 1, got {top_k=}, {nms_iou=}")
@@ -99,9 +102,24 @@ def paper_proposals(
     rpn.training = False  # the copy's flag only; .eval() would reach the shared submodules
     rpn.nms_thresh = nms_iou
     rpn._post_nms_top_n = {"training": top_k, "testing": top_k}
+    if rpn_outputs is not None:
+        rpn._modules = OrderedDict(rpn._modules)  # the copy's submodule table, not the model's
+        rpn.head = _Replay(rpn_outputs["head"])
+        rpn.anchor_generator = _Replay(rpn_outputs["anchors"])
     with torch.no_grad():
         proposals, _ = rpn(images, features)
     return proposals
+
+
+class _Replay(torch.nn.Module):
+    """A submodule that returns what the real one returned for the same input (no recompute)."""
+
+    def __init__(self, output: Any) -> None:
+        super().__init__()
+        self.output = output
+
+    def forward(self, *args: Any) -> Any:
+        return self.output
 
 
 def predict_with_proposals(
@@ -130,11 +148,25 @@ def predict_with_proposals(
             features = model.backbone(image_list.tensors)
             if isinstance(features, Tensor):
                 features = OrderedDict([("0", features)])
-            proposals, _ = model.rpn(image_list, features)
+            outputs: dict[str, Any] = {}
+            hooks = [
+                getattr(model.rpn, name).register_forward_hook(
+                    lambda module, args, output, name=name: outputs.__setitem__(name, output)
+                )
+                for name in ("head", "anchor_generator")
+            ]
+            try:
+                proposals, _ = model.rpn(image_list, features)
+            finally:
+                for hook in hooks:
+                    hook.remove()
             detections, _ = model.roi_heads(features, proposals, image_list.image_sizes)
             sizes = image_list.image_sizes
             detections = model.transform.postprocess(detections, sizes, original_sizes)
-            paper = paper_proposals(model, image_list, features, top_k=top_k, nms_iou=nms_iou)
+            paper = paper_proposals(
+                model, image_list, features, top_k=top_k, nms_iou=nms_iou,
+                rpn_outputs={"head": outputs["head"], "anchors": outputs["anchor_generator"]},
+            )  # fmt: skip
     finally:
         for module, training in modes.items():
             module.training = training
