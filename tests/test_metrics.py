@@ -15,6 +15,7 @@ from torch import nn
 from torch.testing import assert_close
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops import MultiScaleRoIAlign, box_iou
 
 from coorddet.errors import UserError
@@ -306,6 +307,30 @@ def test_predict_with_proposals_equals_the_model(tiny_model, images):
         assert (got.proposals >= 0).all() and (got.proposals[:, 2] <= width).all()
         assert (got.proposals[:, 3] <= height).all()
         assert box_iou(got.proposals, got.proposals).triu(diagonal=1).max() <= 0.8 + 1e-6
+
+
+def test_predict_with_proposals_reuses_the_rpn_head_and_leaves_the_model_as_it_was(
+    tiny_model, images
+):
+    """The paper's proposals come from the RPN head outputs of the main pass: the same boxes as
+    a second full RPN pass, one head call, and the model's own RPN keeps its submodules."""
+    head, anchors = tiny_model.rpn.head, tiny_model.rpn.anchor_generator
+    calls = []
+    hook = head.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        records = predict_with_proposals(tiny_model, images, image_ids=[5, 6, 7])
+    finally:
+        hook.remove()
+    assert calls == [1]
+    assert tiny_model.rpn.head is head and tiny_model.rpn.anchor_generator is anchors
+    with torch.no_grad():
+        image_list, _ = tiny_model.transform(images)
+        features = tiny_model.backbone(image_list.tensors)
+    recomputed = paper_proposals(tiny_model, image_list, {"0": features})
+    sizes = image_list.image_sizes
+    for record, boxes, image, size in zip(records, recomputed, images, sizes, strict=True):
+        want = resize_boxes(boxes, tuple(size), tuple(image.shape[-2:]))
+        assert torch.equal(record.proposals, want)
 
 
 def test_predict_with_proposals_restores_training_mode(tiny_model, images):
