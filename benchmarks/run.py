@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -41,7 +39,6 @@ sys.path.insert(0, str(ROOT))
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
-import torchvision  # noqa: E402
 
 from coorddet.cli.trainer_io import build_trainer, quiet_lightning  # noqa: E402
 from coorddet.config import build_config  # noqa: E402
@@ -51,6 +48,7 @@ from coorddet.fileio import write_json_atomic  # noqa: E402
 from coorddet.metrics import predict_with_proposals  # noqa: E402
 from coorddet.models import build_model  # noqa: E402
 from coorddet.module import DetectionModule  # noqa: E402
+from coorddet.system import describe_machine  # noqa: E402
 from data_gen import GeneratorConfig, generate  # noqa: E402
 
 BATCH = 16
@@ -193,26 +191,6 @@ def eval_speed(data: Path, *, batches: int) -> float:
     return images_done / (time.perf_counter() - started)
 
 
-def environment() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "lightning": L.__version__,
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python benchmarks/run.py", description=__doc__.split("\n\n")[0]
@@ -252,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print("inference ...", flush=True)
         results["eval_img_per_s"] = eval_speed(data, batches=4 if args.quick else 15)
-    results = {key: round(value, 4) for key, value in results.items()} | environment()
+    results = {key: round(value, 4) for key, value in results.items()} | describe_machine()
     results["quick"] = args.quick
     print_table(results)
     if args.out:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -46,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 from coorddet.fileio import write_json_atomic, write_text_atomic  # noqa: E402
 from coorddet.report import aggregate, relative_change  # noqa: E402
+from coorddet.system import describe_machine  # noqa: E402
 
 # Arm name -> train.py flags. The CoordConv sites are configs/paper.yaml's (the paper's:
 # backbone-stem, rpn-head, rpn-box).
@@ -271,31 +271,6 @@ def _seed_change(runs, names, per_run, arm, reference, seed, key) -> float | Non
     return relative_change(by.get((arm, seed)), by.get((reference, seed)))
 
 
-def environment() -> dict[str, Any]:
-    import lightning
-    import torch
-    import torchvision
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "lightning": lightning.__version__,
-        "platform": platform.platform(),
-    }
-
-
 def _fmt(value: float | None, digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -455,7 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             key: getattr(args, key)
             for key in ("train", "val", "test", "epochs", "seeds", "config", "jobs", "threads")
         },
-        "environment": environment(),
+        "environment": describe_machine(),
         "studies": results,
     }
     write_json_atomic(out / "paper_repro.json", payload)
