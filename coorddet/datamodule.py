@@ -30,8 +30,22 @@ def _seed_augmentation_worker(worker_id: int, *, rank: int) -> None:
     info.dataset.reseed(_mix_seed(info.seed, rank))
 
 
-def _mix_seed(seed: int, rank: int) -> int:
-    return int(np.random.SeedSequence([seed % 2**63, rank]).generate_state(1)[0])
+def _mix_seed(seed: int, rank: int, epoch: int = 0) -> int:
+    return int(np.random.SeedSequence([seed % 2**63, rank, epoch]).generate_state(1)[0])
+
+
+class AugmentationEpochs(L.Callback):
+    """Restarts the training augmentation at every epoch from (seed, rank, epoch).
+
+    Then epoch ``k`` augments the same way whether the run got there in one go or was resumed
+    from a checkpoint, and every DDP rank has its own stream. ``train.py``'s Trainer has it; add
+    it to your own Trainer's callbacks when you use :class:`CocoDataModule` elsewhere.
+    """
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        datamodule = getattr(trainer, "datamodule", None)
+        if isinstance(datamodule, CocoDataModule):
+            datamodule.set_epoch(trainer.current_epoch, rank=trainer.global_rank)
 
 
 class CocoDataModule(L.LightningDataModule):
@@ -82,9 +96,19 @@ class CocoDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         dataset = self._opened(self.train_dataset, "train")
         rank = self.trainer.global_rank if self.trainer is not None else 0
-        if self.hparams.num_workers == 0:
-            dataset.reseed(_mix_seed(torch.initial_seed(), rank))
+        self.set_epoch(0, rank=rank)
         return self._loader(dataset, shuffle=True, rank=rank)
+
+    def set_epoch(self, epoch: int, *, rank: int = 0) -> None:
+        """Restart the training augmentation for ``epoch`` (``AugmentationEpochs`` calls this).
+
+        Without workers the stream lives in this process and restarts from (seed, rank,
+        epoch). Training workers are started anew every epoch and seed themselves from the
+        torch generator, which ``seed_everything`` and checkpoints (``RandomStateCallback``)
+        make reproducible.
+        """
+        if self.hparams.num_workers == 0 and self.train_dataset is not None:
+            self.train_dataset.reseed(_mix_seed(torch.initial_seed(), rank, epoch))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self._opened(self.val_dataset, "val"), shuffle=False, rank=0)
@@ -99,7 +123,9 @@ class CocoDataModule(L.LightningDataModule):
             num_workers=workers,
             collate_fn=collate_detection,
             pin_memory=self.hparams.pin_memory,
-            persistent_workers=workers > 0,
+            # Training workers restart every epoch so that each epoch's augmentation seeds come
+            # from the torch generator, which a resumed run restores (see set_epoch).
+            persistent_workers=workers > 0 and not shuffle,
             worker_init_fn=partial(_seed_augmentation_worker, rank=rank) if workers else None,
         )
 

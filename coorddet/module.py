@@ -190,9 +190,9 @@ class RandomStateCallback(L.Callback):
     exactly as the interrupted one would have from that checkpoint on. States are stored as
     plain lists and tensors so checkpoints still load with ``torch.load(weights_only=True)``.
 
-    Not covered: the augmentation pipeline's own generators (``coorddet.data`` restarts them
-    from the seed when a run starts) and, under DDP, the other ranks' states (only rank 0's
-    is saved; every rank gets it back).
+    Not covered: under DDP, the other ranks' states (only rank 0's is saved; every rank gets
+    it back). The augmentation restarts every epoch from its own seed
+    (:class:`coorddet.datamodule.AugmentationEpochs`), so it needs no saved state.
     """
 
     def state_dict(self) -> dict[str, Any]:

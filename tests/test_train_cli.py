@@ -204,7 +204,6 @@ def test_resume_after_sigkill_mid_epoch(tiny_dataset: Path, tmp_path: Path) -> N
     args = [
         sys.executable, *SMOKE, "--data", str(tiny_dataset), "--out", str(out), "--quiet",
         "--max-epochs", "2", "--limit-train-batches", "3", "--limit-val-batches", "1",
-        "--no-augment",  # the augmentation stream restarts on resume; see module notes
     ]  # fmt: skip
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     process = subprocess.Popen(args, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
@@ -235,7 +234,8 @@ def test_resume_after_sigkill_mid_epoch(tiny_dataset: Path, tmp_path: Path) -> N
     assert validation_epochs(rows) == [0, 1]  # none lost, none twice
     steps = [int(row["step"]) for row in rows if row["loss"]]
     assert steps == list(range(6))  # the killed epoch's logged step was replaced, not repeated
-    # Restored RNG state: epoch 1 sees the same batches and RPN/ROI samples as before the kill.
+    # Restored RNG state and per-epoch augmentation seeds: epoch 1 sees the same batches,
+    # augmentations and RPN/ROI samples as before the kill.
     again = next(r for r in rows if r["epoch"] == "1" and r["loss"])
     assert again["step"] == first_step_of_epoch_1["step"]
     assert float(again["loss"]) == pytest.approx(float(first_step_of_epoch_1["loss"]), abs=1e-6)

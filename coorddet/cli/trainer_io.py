@@ -33,6 +33,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 from coorddet.config import TrainConfig
+from coorddet.datamodule import AugmentationEpochs
 from coorddet.errors import UserError
 from coorddet.module import RandomStateCallback
 
@@ -131,6 +132,7 @@ def build_trainer(config: TrainConfig, *, quiet: bool) -> L.Trainer:
             auto_insert_metric_name=False,
         ),
         RandomStateCallback(),
+        AugmentationEpochs(),
     ]
     if not quiet:
         callbacks.append(ProgressBar(leave=True))
