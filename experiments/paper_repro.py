@@ -271,6 +271,18 @@ def _seed_change(runs, names, per_run, arm, reference, seed, key) -> float | Non
     return relative_change(by.get((arm, seed)), by.get((reference, seed)))
 
 
+def git_commit() -> str | None:
+    """The checked-out commit (``-dirty`` with uncommitted changes), or None outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                              capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                cwd=ROOT, capture_output=True, text=True, check=True).stdout  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("-dirty" if status.strip() else "")
+
+
 def _fmt(value: float | None, digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -350,7 +362,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"- hardware: {env['cpu']} ({env['cpu_count']} CPUs), GPU: {env['gpu'] or 'none'}; "
         f"{setup['jobs']} runs at a time, {setup['threads']} torch thread(s) each",
         f"- software: Python {env['python']}, torch {env['torch']}, torchvision "
-        f"{env['torchvision']}, lightning {env['lightning']}",
+        f"{env['torchvision']}, lightning {env['lightning']}; coorddet commit "
+        f"{results.get('commit') or 'not recorded'}",
         f"- wall time: {_duration(results['wall_seconds'])} for everything below"
         + ("" if not results["quick"] else " (**--quick pipeline check: not a result**)"),
         "",
@@ -431,6 +444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for key in ("train", "val", "test", "epochs", "seeds", "config", "jobs", "threads")
         },
         "environment": describe_machine(),
+        "commit": git_commit(),
         "studies": results,
     }
     write_json_atomic(out / "paper_repro.json", payload)
