@@ -367,7 +367,6 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"- wall time: {_duration(results['wall_seconds'])} for everything below"
         + ("" if not results["quick"] else " (**--quick pipeline check: not a result**)"),
         "",
-        "",
         "## Summary",
         "",
         "Means over seeds [95% CI]; change: the mean of the per-seed relative changes against the "
