@@ -42,8 +42,8 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-# Speed on this machine (issue 7): prints a table and writes reports/bench.json; ~6 minutes
-# (QUICK=1: under 2). Run it on an otherwise idle machine.
+# Speed on this machine (issue 7): prints a table and writes reports/bench.json; ~2 minutes
+# (QUICK=1: under 1). Run it on an otherwise idle machine.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py $(if $(QUICK),--quick) --out reports/bench.json
 
