@@ -75,17 +75,6 @@ class DetectionModule(L.LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._batch_started = time.perf_counter()
 
-    def transfer_batch_to_device(
-        self, batch: Any, device: torch.device, dataloader_idx: int
-    ) -> Any:
-        """``(images, targets)`` moved tensor by tensor. Lightning's generic walk over the
-        nested lists and dicts cost ~6 ms a training step (~4%) on CPU, where nothing moves."""
-        images, targets = batch
-        return (
-            [image.to(device, non_blocking=True) for image in images],
-            [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets],
-        )
-
     def training_step(self, batch: tuple[list[Tensor], list[dict]], batch_idx: int) -> Tensor:
         images, targets = batch
         losses = self.model(list(images), list(targets))
