@@ -19,8 +19,8 @@ Measures on this machine and prints a table; ``--out`` also writes the pinned JS
   proposals) on the test split at batch 64;
 - ``torch``, ``torchvision``, ``lightning``, ``cpu``, ``cpu_count``, ``threads``.
 
-Medians over at least 20 steps after warm-up. ``--quick`` (under 2 minutes) takes fewer steps
-and one round. torch uses ``--threads`` threads (default: torch's own choice).
+Medians over at least 20 steps after warm-up (90 in three rounds whose order turns; ``--quick``,
+under a minute: 20 in one round). torch uses ``--threads`` threads (default: torch's own choice).
 """
 
 from __future__ import annotations
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.out and Path(args.out).is_dir():
         parser.error(f"--out {args.out} is a folder; name a .json file")
-    steps, warmup, rounds = (20, 5, 1) if args.quick else (40, 10, 2)
+    steps, warmup, rounds = (20, 5, 1) if args.quick else (30, 10, 3)
     quiet_lightning(True)
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="coorddet-bench-") as tmp_name:
@@ -216,10 +216,15 @@ def main(argv: list[str] | None = None) -> int:
         plain: list[float] = []
         for round_ in range(rounds):
             print(f"training, round {round_ + 1}/{rounds} ...", flush=True)
-            for coordconv in (False, True):
-                times = lightning_steps(data, tmp, coordconv=coordconv, steps=warmup + steps)
-                lightning[coordconv] += times[warmup:]
-            plain += plain_steps(data, steps=warmup + steps)[warmup:]
+            # The order turns every round, so no arm always runs first (cold) or last.
+            jobs = ["baseline", "coordconv", "plain"]
+            for job in jobs[round_ % 3 :] + jobs[: round_ % 3]:
+                if job == "plain":
+                    plain += plain_steps(data, steps=warmup + steps)[warmup:]
+                else:
+                    coordconv = job == "coordconv"
+                    times = lightning_steps(data, tmp, coordconv=coordconv, steps=warmup + steps)
+                    lightning[coordconv] += times[warmup:]
         results["train_img_per_s_baseline"] = BATCH / statistics.median(lightning[False])
         results["train_img_per_s_coordconv"] = BATCH / statistics.median(lightning[True])
         print("CoordConv vs baseline, interleaved ...", flush=True)
