@@ -63,6 +63,7 @@ class DetectionModule(L.LightningModule):
         self.model = model
         self._val_records: list[ImagePrediction] = []
         self._batch_started = 0.0
+        self._log_step = True
         self.train_images = 0
         self.train_seconds = 0.0
         self.last_metrics: dict[str, float] = {}
@@ -74,6 +75,14 @@ class DetectionModule(L.LightningModule):
     # -- training ---------------------------------------------------------------------------
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._batch_started = time.perf_counter()
+        # Step values are logged only where they are used: every step for a live progress bar,
+        # else on the steps the loggers write (every log_every_n_steps, as Lightning decides).
+        # Each self.log call cost ~1.5 ms on CPU, ~5% of a mnist-small step.
+        trainer = self.trainer
+        every = trainer.log_every_n_steps
+        self._log_step = trainer.progress_bar_callback is not None or (
+            every > 0 and (self.global_step + 1) % every == 0
+        )
 
     def training_step(self, batch: tuple[list[Tensor], list[dict]], batch_idx: int) -> Tensor:
         images, targets = batch
@@ -90,11 +99,12 @@ class DetectionModule(L.LightningModule):
                 f"training loss is not finite at epoch {self.current_epoch}, step "
                 f"{self.global_step} ({terms}); lower --lr or check the data"
             )
-        batch_size = len(images)
-        self.log_dict(
-            {name: value.detach() for name, value in losses.items()}, batch_size=batch_size
-        )
-        self.log("loss", loss.detach(), prog_bar=True, batch_size=batch_size)
+        if self._log_step:
+            batch_size = len(images)
+            self.log_dict(
+                {name: value.detach() for name, value in losses.items()}, batch_size=batch_size
+            )
+            self.log("loss", loss.detach(), prog_bar=True, batch_size=batch_size)
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -102,7 +112,8 @@ class DetectionModule(L.LightningModule):
         images = len(batch[0])
         self.train_images += images
         self.train_seconds += seconds
-        self.log("img_s", images / max(seconds, 1e-9), prog_bar=True, batch_size=images)
+        if self._log_step:
+            self.log("img_s", images / max(seconds, 1e-9), prog_bar=True, batch_size=images)
 
     # -- validation -------------------------------------------------------------------------
     def validation_step(self, batch: tuple[list[Tensor], list[dict]], batch_idx: int) -> None:
