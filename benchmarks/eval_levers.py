@@ -25,7 +25,6 @@ from pycocotools.coco import COCO  # noqa: E402
 from coorddet.checkpoint import load_checkpoint  # noqa: E402
 from coorddet.data import CocoDetection, annotation_file, collate_detection  # noqa: E402
 from coorddet.metrics import evaluate_records, predict_with_proposals  # noqa: E402
-from coorddet.models import build_model  # noqa: E402
 
 KEYS = ("map", "mar_100", "rpn_iou", "det_iou", "gt_iou")
 
@@ -75,9 +74,8 @@ def main() -> None:
     for path in args.checkpoints:
         checkpoint = load_checkpoint(path)
         for name, options in variants:
-            model = build_model(**{**checkpoint.config["model"], **options})
-            model.load_state_dict(checkpoint.state_dict)
-            speed, metrics = run(model.eval(), batches, coco, args.repeats)
+            model = checkpoint.build_model(**options)
+            speed, metrics = run(model, batches, coco, args.repeats)
             values = " ".join(f"{metrics[k]:8.4f}" for k in KEYS)
             print(f"{str(path)[-48:]:48s} {name:32s} {speed:7.1f} {values}", flush=True)
 

@@ -86,12 +86,14 @@ class LoadedCheckpoint:
             text += f"; trained on {canvas} px canvases, so it resizes these {shown} images"
         return text
 
-    def build_model(self) -> FasterRCNN:
-        """The detector of the run config with the checkpoint's weights, in eval mode."""
+    def build_model(self, **overrides: Any) -> FasterRCNN:
+        """The detector of the run config with the checkpoint's weights, in eval mode;
+        ``overrides`` replace model settings that leave the weights' shapes alone (e.g.
+        ``rpn_post_nms_top_n_test``)."""
         from coorddet.models import build_model
 
         try:
-            model = build_model(**self.config["model"])
+            model = build_model(**{**self.config["model"], **overrides})
             model.load_state_dict(self.state_dict)
         except (TypeError, ValueError, RuntimeError, KeyError) as error:
             raise UserError(

@@ -84,11 +84,13 @@ def relative_change(value: float | None, reference: float | None) -> float | Non
     return (value - reference) / abs(reference)
 
 
-def _number(value: float | None) -> str:
+def format_number(value: float | None) -> str:
+    """``0.1234``, or ``-`` for an undefined value."""
     return "-" if value is None or math.isnan(value) else f"{value:.4f}"
 
 
-def _percent(change: float | None) -> str:
+def format_percent(change: float | None) -> str:
+    """A relative change as ``+1.2%``, or ``-`` when undefined."""
     return "-" if change is None else f"{change * 100:+.1f}%"
 
 
@@ -107,9 +109,9 @@ def metrics_table(
     header = ["metric", *names, *(f"{n} vs {baseline}" for n in others)]
     rows = []
     for key in METRIC_KEYS:
-        cells = [key, *(_number(columns[n].get(key)) for n in names)]
+        cells = [key, *(format_number(columns[n].get(key)) for n in names)]
         cells += [
-            _percent(relative_change(columns[n].get(key), columns[baseline].get(key)))
+            format_percent(relative_change(columns[n].get(key), columns[baseline].get(key)))
             for n in others
         ]
         rows.append(cells)
@@ -137,7 +139,7 @@ def group_table(
     for key in METRIC_KEYS:
         cells = [key, *(_stats_cell(groups[n][key]) for n in names)]
         cells += [
-            _percent(relative_change(groups[n][key]["mean"], groups[baseline][key]["mean"]))
+            format_percent(relative_change(groups[n][key]["mean"], groups[baseline][key]["mean"]))
             for n in others
         ]
         rows.append(cells)

@@ -44,7 +44,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from coorddet.fileio import write_json_atomic, write_text_atomic  # noqa: E402
-from coorddet.report import aggregate, relative_change  # noqa: E402
+from coorddet.report import (  # noqa: E402
+    aggregate,
+    format_number,
+    format_percent,
+    relative_change,
+)
 from coorddet.system import describe_machine  # noqa: E402
 
 # Arm name -> train.py flags. The CoordConv sites are configs/paper.yaml's (the paper's:
@@ -248,6 +253,8 @@ def summarize(study: str, runs: list[Run], report: Path, wall: float) -> dict[st
         "wall_seconds_since_start": round(wall, 1),
         "report": str(report),
     }
+    by_arm_seed = {(run.arm, run.seed): per_run[names[run]] for run in runs}
+    seeds = sorted({run.seed for run in runs})
     for arm in arms[1:]:
         result["change_vs_" + reference][arm] = {
             key: {
@@ -256,19 +263,16 @@ def summarize(study: str, runs: list[Run], report: Path, wall: float) -> dict[st
                 ),
                 "per_seed": aggregate(
                     [
-                        _seed_change(runs, names, per_run, arm, reference, seed, key)
-                        for seed in sorted({r.seed for r in runs})
+                        relative_change(
+                            by_arm_seed[arm, seed].get(key), by_arm_seed[reference, seed].get(key)
+                        )
+                        for seed in seeds
                     ]
                 ),
             }
             for key in METRICS
         }
     return result
-
-
-def _seed_change(runs, names, per_run, arm, reference, seed, key) -> float | None:  # noqa: ANN001
-    by = {(r.arm, r.seed): per_run[names[r]].get(key) for r in runs}
-    return relative_change(by.get((arm, seed)), by.get((reference, seed)))
 
 
 def git_commit() -> str | None:
@@ -283,19 +287,11 @@ def git_commit() -> str | None:
     return head + ("-dirty" if status.strip() else "")
 
 
-def _fmt(value: float | None, digits: int = 4) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{value * 100:+.1f}%"
-
-
 def _cell(stats: dict[str, Any]) -> str:
     if stats["mean"] is None:
         return "-"
     if stats["std"] is None:
-        return _fmt(stats["mean"])
+        return format_number(stats["mean"])
     low, high = stats["ci95"]
     return f"{stats['mean']:.4f} ± {stats['std']:.4f} [{low:.4f}, {high:.4f}]"
 
@@ -303,11 +299,10 @@ def _cell(stats: dict[str, Any]) -> str:
 def _change_cell(change: dict[str, Any]) -> str:
     seeds = change["per_seed"]
     if seeds["ci95"] is None:
-        return _pct(change["of_means"])
+        return format_percent(change["of_means"])
     low, high = seeds["ci95"]
-    return (
-        f"{_pct(change['of_means'])} (per seed {_pct(seeds['mean'])} [{_pct(low)}, {_pct(high)}])"
-    )
+    per_seed = f"{format_percent(seeds['mean'])} [{format_percent(low)}, {format_percent(high)}]"
+    return f"{format_percent(change['of_means'])} (per seed {per_seed})"
 
 
 SUMMARY_METRICS = ("rpn_iou", "gt_iou", "det_iou", "map")
@@ -329,11 +324,11 @@ def summary_table(results: dict[str, Any]) -> str:
             for key in SUMMARY_METRICS:
                 change = data["change_vs_" + reference][arm][key]["per_seed"]
                 ci = change["ci95"]
-                interval = f" [{_pct(ci[0])}, {_pct(ci[1])}]" if ci else ""
+                interval = f" [{format_percent(ci[0])}, {format_percent(ci[1])}]" if ci else ""
                 lines.append(
                     f"| {study} | {key} | {_mean_ci(data['arms'][reference][key])} | "
                     f"{arm}: {_mean_ci(data['arms'][arm][key])} | "
-                    f"{_pct(change['mean'])}{interval} |"
+                    f"{format_percent(change['mean'])}{interval} |"
                 )
     return "\n".join(lines)
 
@@ -394,7 +389,9 @@ def render_markdown(results: dict[str, Any]) -> str:
         lines += ["", "Per run:", "", "| run | " + " | ".join(HEADLINE) + " |",
                   "|" + "---|" * (len(HEADLINE) + 1)]  # fmt: skip
         for key, metrics in data["runs"].items():
-            lines.append(f"| {key} | " + " | ".join(_fmt(metrics.get(m)) for m in HEADLINE) + " |")
+            lines.append(
+                f"| {key} | " + " | ".join(format_number(metrics.get(m)) for m in HEADLINE) + " |"
+            )
     lines += [
         "",
         "rpn_iou: mean best IoU of each image's top-10 RPN proposals after NMS at 0.8 (the "
