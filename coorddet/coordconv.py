@@ -255,6 +255,13 @@ class CoordConv2d(nn.Conv2d):
             # concatenation measured faster than its 1-channel one alone, so concatenate.
             inputs = torch.cat([input, coords.expand(input.shape[0], -1, -1, -1)], dim=1)
             weight = torch.cat([self.weight, self.coord_weight], dim=1)
+            if (
+                self.coord_weight.is_contiguous(memory_format=torch.channels_last)
+                and not self.coord_weight.is_contiguous()
+            ):
+                # A channels_last model: an NCHW concatenation would make oneDNN reorder it,
+                # and its training step ran slower than the 1-channel baseline stem's.
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
             return self._conv_forward(inputs, weight, self.bias)
         if self.padding_mode != "zeros":
             coords = F.pad(coords, self._reversed_padding_repeated_twice, mode=self.padding_mode)

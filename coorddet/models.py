@@ -23,13 +23,13 @@ from torchvision.models import MobileNet_V3_Large_Weights, ResNet50_Weights, Wei
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import mobilenet_backbone, resnet_fpn_backbone
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 
 from coorddet.inject import DEFAULT_SITES, check_sites, inject_coordconv
-from coorddet.poolers import MatmulRoIAlign, SingleMapRoIPool
+from coorddet.poolers import ChannelsLastTwoMLPHead, MatmulRoIAlign, SingleMapRoIPool
 
 ROI_POOLS = ("align", "align-torchvision", "pool")
 
@@ -302,7 +302,7 @@ def build_model(
         roi_align = MatmulRoIAlign(roi_maps, roi_output_size, sampling_ratio)
     else:
         roi_align = MultiScaleRoIAlign(roi_maps, roi_output_size, sampling_ratio)
-    box_head = TwoMLPHead(body.out_channels * roi_output_size**2, box_head_width)
+    box_head = ChannelsLastTwoMLPHead(body.out_channels * roi_output_size**2, box_head_width)
     model = FasterRCNN(
         body,
         num_classes=None,
@@ -331,4 +331,6 @@ def build_model(
         model.roi_heads.box_roi_pool = SingleMapRoIPool(roi_maps[0], roi_output_size)
     if coordconv:
         inject_coordconv(model, sites, with_r=with_r)
-    return model
+    # NHWC convolutions, pooling and RoIAlign: the backbone infers ~2x faster on CPU (max
+    # pooling in NCHW alone was 9x slower) and RoI features need no transpose for the box head.
+    return model.to(memory_format=torch.channels_last)

@@ -17,7 +17,9 @@ This module must stay TorchScript-compatible: no ``from __future__ import annota
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.models.detection.faster_rcnn import TwoMLPHead
 from torchvision.ops import MultiScaleRoIAlign, roi_pool
 
 
@@ -70,35 +72,45 @@ def roi_align_matmul(
     aligned=False)`` as matrix products.
 
     Args:
-        features: (N, C, H, W) feature map.
+        features: (N, C, H, W) feature map, any memory format (channels_last is read in place).
         boxes: N tensors (K_i, 4), xyxy in image pixels (no gradient flows to them).
         output_size: side P of the pooled output.
         spatial_scale: feature cells per image pixel (0.25 for stride 4).
         sampling_ratio: samples per bin side; <= 0 adapts to the RoI size as torchvision.
 
     Returns:
-        (sum K_i, C, P, P) pooled features, RoIs in the order of ``boxes``.
+        (sum K_i, C, P, P) pooled features, RoIs in the order of ``boxes``, in channels_last
+        memory format: the products leave each RoI as (P, P, C), and a transpose to (C, P, P)
+        would copy every pooled value again (the largest tensor of an inference batch).
+        :class:`TwoMLPHead` reads that layout without a copy.
     """
     N, C, H, W = features.shape
     P = output_size
-    pooled: list[Tensor] = []
-    for image, image_boxes in enumerate(boxes):
-        K = image_boxes.shape[0]
-        with torch.no_grad():
-            image_boxes = image_boxes.to(features.dtype)
-            rows = _axis_weights(
-                image_boxes[:, 1], image_boxes[:, 3], H, P, sampling_ratio, spatial_scale
-            )
-            columns = _axis_weights(
-                image_boxes[:, 0], image_boxes[:, 2], W, P, sampling_ratio, spatial_scale
-            )
-        feature = features[image].transpose(0, 1).reshape(H, C * W)  # (H, C*W)
-        by_rows = (rows.reshape(K * P, H) @ feature).reshape(K, P * C, W)
-        out = torch.bmm(by_rows, columns.transpose(1, 2))  # (K, P*C, P)
-        pooled.append(out.reshape(K, P, C, P).permute(0, 2, 1, 3))
-    if len(pooled) == 0:
-        return features.new_zeros((0, C, P, P))
-    return torch.cat(pooled).contiguous()
+    counts: list[int] = [int(image_boxes.shape[0]) for image_boxes in boxes]
+    total = sum(counts)
+    if total == 0:
+        return features.new_zeros((0, C, P, P)).contiguous(memory_format=torch.channels_last)
+    all_boxes = torch.cat(boxes).detach().to(features.dtype)  # weights need no gradient
+    rows = _axis_weights(all_boxes[:, 1], all_boxes[:, 3], H, P, sampling_ratio, spatial_scale)
+    columns = _axis_weights(all_boxes[:, 0], all_boxes[:, 2], W, P, sampling_ratio, spatial_scale)
+    maps = features.permute(0, 2, 3, 1).reshape(N, H, W * C)  # (N, H, W*C)
+    if torch.is_grad_enabled() and min(counts) == max(counts):
+        # Training samples the same number of RoIs in every image: one product for the whole
+        # batch keeps autograd to a few nodes (~3x faster for a 16-image step than a loop).
+        K = counts[0]
+        by_rows = torch.bmm(rows.reshape(N, K * P, H), maps).reshape(N * K, P, W, C)
+        pooled = torch.matmul(columns[:, None], by_rows)  # (N*K, P, P, C)
+    else:
+        # Image by image: each image's (K, P, W, C) intermediate stays in cache (for 64
+        # images of 100 RoIs, 1.6x faster than one product over the batch).
+        parts: list[Tensor] = []
+        image_rows, image_columns = rows.split(counts), columns.split(counts)
+        for image in range(N):
+            K = counts[image]
+            by_rows = (image_rows[image].reshape(K * P, H) @ maps[image]).reshape(K, P, W, C)
+            parts.append(torch.matmul(image_columns[image][:, None], by_rows))  # (K, P, P, C)
+        pooled = torch.cat(parts)
+    return pooled.permute(0, 3, 1, 2)
 
 
 def _stride_scale(feature: Tensor, image_shapes: list[tuple[int, int]]) -> float:
@@ -145,3 +157,34 @@ class SingleMapRoIPool(nn.Module):
         feature = x[self.featmap_name]
         scale = _stride_scale(feature, image_shapes)
         return roi_pool(feature, boxes, [self.output_size, self.output_size], scale)
+
+
+class ChannelsLastTwoMLPHead(TwoMLPHead):
+    """torchvision's ``TwoMLPHead`` (same ``fc6``/``fc7``, same checkpoint keys, same numbers)
+    that reads channels_last RoI features, as :func:`roi_align_matmul` returns them, in place.
+
+    ``forward``: (K, C, P, P) pooled features in any memory format -> (K, representation).
+    ``TwoMLPHead`` flattens its input in (C, P, P) order, which for channels_last features
+    copies the largest tensor of a batch into another layout; here ``fc6``'s weight (a few
+    hundred kB) is reordered to the features' (P, P, C) layout instead.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (
+            x.dim() == 4
+            and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last)
+        ):
+            K, C, P, Q = x.shape
+            weight = self.fc6.weight
+            weight = weight.reshape(weight.shape[0], C, P, Q).permute(0, 2, 3, 1)
+            x = F.relu(
+                F.linear(
+                    x.permute(0, 2, 3, 1).reshape(K, -1),
+                    weight.reshape(-1, C * P * Q),
+                    self.fc6.bias,
+                )  # fmt: skip
+            )
+        else:
+            x = F.relu(self.fc6(x.flatten(start_dim=1)))
+        return F.relu(self.fc7(x))

@@ -1,5 +1,7 @@
 """build_model: backbones, canvas-sized transform, baseline vs CoordConv arms, validation."""
 
+import copy
+
 import pytest
 import torch
 from torch.testing import assert_close
@@ -142,6 +144,26 @@ def test_same_seed_same_detections_for_both_align_implementations():
     for ours, theirs in zip(*results, strict=True):
         assert_close(ours["scores"], theirs["scores"], atol=1e-5, rtol=1e-4)
         assert_close(ours["boxes"], theirs["boxes"], atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("coordconv", [False, True])
+def test_channels_last_model_computes_what_the_nchw_model_does(coordconv):
+    torch.manual_seed(0)
+    model = build_model(coordconv=coordconv)
+    assert model.backbone.body.conv2.weight.is_contiguous(memory_format=torch.channels_last)
+    nchw = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+    assert not nchw.backbone.body.conv2.weight.is_contiguous(memory_format=torch.channels_last)
+    images, targets = _batch(3)
+    losses = []
+    for net in (model, nchw):
+        torch.manual_seed(1)  # the RPN and RoI samplers draw
+        losses.append(net.train()(images, targets))
+    assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        ours, theirs = model.eval()(images), nchw.eval()(images)
+    for mine, other in zip(ours, theirs, strict=True):
+        assert_close(mine["scores"], other["scores"], atol=1e-5, rtol=1e-4)
+        assert_close(mine["boxes"], other["boxes"], atol=1e-3, rtol=1e-4)
 
 
 def test_detector_options_reach_torchvision():

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from coorddet.errors import UserError
+from coorddet.system import use_huge_pages
 
 USER_ERROR_EXIT = 2
 
@@ -19,7 +20,11 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
-    """Call ``main(argv)``; a :class:`UserError` becomes one line on stderr and exit code 2."""
+    """Call ``main(argv)``; a :class:`UserError` becomes one line on stderr and exit code 2.
+
+    Large CPU tensors use transparent huge pages (:func:`coorddet.system.use_huge_pages`).
+    """
+    use_huge_pages()
     try:
         return main(argv)
     except UserError as error:
