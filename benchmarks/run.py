@@ -16,7 +16,10 @@ Measures on this machine and prints a table; ``--out`` also writes the pinned JS
   DataLoader, optimizer and schedule; ``lightning_overhead_ratio``: its img/s over
   Lightning's, measured in alternating rounds (> 1: Lightning is slower);
 - ``eval_img_per_s``: ``coorddet.evaluate``'s inference (detections plus the paper's RPN
-  proposals) on the test split at batch 64;
+  proposals) on the test split at batch 64, of the baseline the bare loop trained (25 to 40
+  steps). Not of an untrained model: every one of its 100 proposals per image scores about
+  1/11 for every class, above the 0.05 threshold, so 1,000 boxes per image go through NMS,
+  which no trained model does (29 detections per image after 25 training steps here);
 - ``torch``, ``torchvision``, ``lightning``, ``cpu``, ``cpu_count``, ``threads``.
 
 Medians over at least 20 steps after warm-up (90 in three rounds whose order turns; ``--quick``,
@@ -116,8 +119,11 @@ def lightning_steps(data: Path, tmp: Path, *, coordconv: bool, steps: int) -> li
     return timer.times
 
 
-def plain_steps(data: Path, *, steps: int) -> list[float]:
-    """The baseline in a bare loop: the same DataLoader, optimizer and schedule as Lightning's."""
+def plain_steps(data: Path, *, steps: int) -> tuple[list[float], torch.nn.Module]:
+    """The baseline in a bare loop: the same DataLoader, optimizer and schedule as Lightning's.
+
+    Returns the step times and the trained model.
+    """
     config = config_for(data, Path("unused"), coordconv=False, steps=steps)
     L.seed_everything(config.seed, verbose=False)
     datamodule = CocoDataModule(**dataclasses.asdict(config.data))
@@ -143,7 +149,7 @@ def plain_steps(data: Path, *, steps: int) -> list[float]:
         last = now
         if index >= steps:
             break
-    return times
+    return times, model
 
 
 def interleaved_ratio(data: Path, *, steps: int, warmup: int) -> tuple[float, dict[str, float]]:
@@ -173,9 +179,9 @@ def interleaved_ratio(data: Path, *, steps: int, warmup: int) -> tuple[float, di
     return median["coordconv"] / median["baseline"], median
 
 
-def eval_speed(data: Path, *, batches: int) -> float:
+def eval_speed(model: torch.nn.Module, data: Path, *, batches: int) -> float:
     dataset = CocoDetection(data, "test")
-    model = build_model(coordconv=False).eval()
+    model.eval()
     count = min(len(dataset), batches * EVAL_BATCH)
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(dataset, range(count)), batch_size=EVAL_BATCH,
@@ -222,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
             jobs = ["baseline", "coordconv", "plain"]
             for job in jobs[round_ % 3 :] + jobs[: round_ % 3]:
                 if job == "plain":
-                    plain += plain_steps(data, steps=warmup + steps)[warmup:]
+                    times, trained = plain_steps(data, steps=warmup + steps)
+                    plain += times[warmup:]
                 else:
                     coordconv = job == "coordconv"
                     times = lightning_steps(data, tmp, coordconv=coordconv, steps=warmup + steps)
@@ -236,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             results["plain_loop_img_per_s"] / results["train_img_per_s_baseline"]
         )
         print("inference ...", flush=True)
-        results["eval_img_per_s"] = eval_speed(data, batches=4 if args.quick else 15)
+        results["eval_img_per_s"] = eval_speed(trained, data, batches=4 if args.quick else 15)
     results = {key: round(value, 4) for key, value in results.items()} | describe_machine()
     results["quick"] = args.quick
     print_table(results)

@@ -94,22 +94,34 @@ def roi_align_matmul(
     rows = _axis_weights(all_boxes[:, 1], all_boxes[:, 3], H, P, sampling_ratio, spatial_scale)
     columns = _axis_weights(all_boxes[:, 0], all_boxes[:, 2], W, P, sampling_ratio, spatial_scale)
     maps = features.permute(0, 2, 3, 1).reshape(N, H, W * C)  # (N, H, W*C)
-    if torch.is_grad_enabled() and min(counts) == max(counts):
-        # Training samples the same number of RoIs in every image: one product for the whole
-        # batch keeps autograd to a few nodes (~3x faster for a 16-image step than a loop).
-        K = counts[0]
+    if torch.is_grad_enabled() and features.requires_grad:
+        # Training: one product for the whole batch keeps autograd to a few nodes (~3x faster
+        # for a 16-image step than a loop). Images with fewer RoIs are padded with all-zero
+        # weights (training samples the same number per image, so rarely).
+        K = max(counts)
+        if min(counts) < K:
+            slots = torch.cat(
+                [torch.arange(n, device=rows.device) + image * K for image, n in enumerate(counts)]
+            )
+            rows = rows.new_zeros((N * K, P, H)).index_copy(0, slots, rows)
+            columns = columns.new_zeros((N * K, P, W)).index_copy(0, slots, columns)
+        else:
+            slots = torch.empty(0, dtype=torch.long)
         by_rows = torch.bmm(rows.reshape(N, K * P, H), maps).reshape(N * K, P, W, C)
         pooled = torch.matmul(columns[:, None], by_rows)  # (N*K, P, P, C)
+        if slots.numel() > 0:
+            pooled = pooled[slots]
     else:
-        # Image by image: each image's (K, P, W, C) intermediate stays in cache (for 64
-        # images of 100 RoIs, 1.6x faster than one product over the batch).
-        parts: list[Tensor] = []
-        image_rows, image_columns = rows.split(counts), columns.split(counts)
+        # Inference: image by image, so each image's (K, P, W, C) intermediate stays in cache
+        # (for 64 images of 100 RoIs, 1.6x faster than one product over the batch), each
+        # written straight into the output (a concatenation of 80 MB cost a fifth of the batch).
+        pooled = features.new_empty((total, P, P, C))
+        start = 0
         for image in range(N):
             K = counts[image]
-            by_rows = (image_rows[image].reshape(K * P, H) @ maps[image]).reshape(K, P, W, C)
-            parts.append(torch.matmul(image_columns[image][:, None], by_rows))  # (K, P, P, C)
-        pooled = torch.cat(parts)
+            by_rows = (rows[start : start + K].reshape(K * P, H) @ maps[image]).reshape(K, P, W, C)
+            torch.matmul(columns[start : start + K, None], by_rows, out=pooled[start : start + K])
+            start += K
     return pooled.permute(0, 3, 1, 2)
 
 
@@ -176,15 +188,10 @@ class ChannelsLastTwoMLPHead(TwoMLPHead):
             and x.is_contiguous(memory_format=torch.channels_last)
         ):
             K, C, P, Q = x.shape
-            weight = self.fc6.weight
-            weight = weight.reshape(weight.shape[0], C, P, Q).permute(0, 2, 3, 1)
-            x = F.relu(
-                F.linear(
-                    x.permute(0, 2, 3, 1).reshape(K, -1),
-                    weight.reshape(-1, C * P * Q),
-                    self.fc6.bias,
-                )  # fmt: skip
-            )
+            weight = self.fc6.weight.reshape(-1, C, P, Q).permute(0, 2, 3, 1).reshape(-1, P * Q * C)
+            x = F.linear(x.permute(0, 2, 3, 1).reshape(K, -1), weight, self.fc6.bias)
         else:
-            x = F.relu(self.fc6(x.flatten(start_dim=1)))
-        return F.relu(self.fc7(x))
+            x = self.fc6(x.flatten(start_dim=1))
+        # In place: ReLU's backward needs only its output, and each saves a (K, 256) tensor.
+        x = F.relu(self.fc7(F.relu(x, inplace=True)), inplace=True)
+        return x

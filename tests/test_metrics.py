@@ -4,6 +4,7 @@ torchvision inference that yields detections plus the paper's RPN proposals."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import math
@@ -331,6 +332,26 @@ def test_predict_with_proposals_reuses_the_rpn_head_and_leaves_the_model_as_it_w
     for record, boxes, image, size in zip(records, recomputed, images, sizes, strict=True):
         want = resize_boxes(boxes, tuple(size), tuple(image.shape[-2:]))
         assert torch.equal(record.proposals, want)
+
+
+# short: some image keeps fewer than top_k, so NMS runs again over every candidate
+@pytest.mark.parametrize(
+    ("nms_iou", "top_k", "short"),
+    [(0.8, 3, False), (0.8, 10, False), (0.1, 10, False), (0.1, 40, True)],
+)
+def test_paper_proposals_shortlist_gives_what_nms_over_every_candidate_gives(
+    tiny_model, images, nms_iou, top_k, short
+):
+    with torch.no_grad():
+        image_list, _ = tiny_model.transform(images)
+        features = tiny_model.backbone(image_list.tensors)
+        rpn = copy.copy(tiny_model.rpn)  # the paper's settings, every candidate through NMS
+        rpn.nms_thresh, rpn._post_nms_top_n = nms_iou, {"training": top_k, "testing": top_k}
+        expected, _ = rpn(image_list, {"0": features})
+    got = paper_proposals(tiny_model, image_list, features, top_k=top_k, nms_iou=nms_iou)
+    assert any(len(boxes) < top_k for boxes in got) == short
+    for want, boxes in zip(expected, got, strict=True):
+        assert torch.equal(boxes, want)
 
 
 def test_predict_with_proposals_restores_training_mode(tiny_model, images):
