@@ -11,7 +11,8 @@ Measures on this machine and prints a table; ``--out`` also writes the pinned JS
   ``train.py`` builds, on the generated data): batch size over the median time between
   consecutive ``on_train_batch_end`` calls after warm-up (data loading, step, logging);
 - ``coordconv_step_ratio``: CoordConv step time over baseline step time, the two models
-  stepped alternately in one bare loop on the same batches, so machine noise hits both alike;
+  stepped alternately in one bare loop on the same batches, so machine noise hits both alike
+  (the median of the per-step ratios, the first arm turning every step);
 - ``plain_loop_img_per_s``: the baseline trained by a bare PyTorch loop over the same
   DataLoader, optimizer and schedule; ``lightning_overhead_ratio``: its img/s over
   Lightning's, measured in alternating rounds (> 1: Lightning is slower);
@@ -153,7 +154,12 @@ def plain_steps(data: Path, *, steps: int) -> tuple[list[float], torch.nn.Module
 
 
 def interleaved_ratio(data: Path, *, steps: int, warmup: int) -> tuple[float, dict[str, float]]:
-    """CoordConv / baseline step time, the two models stepped alternately on the same batches."""
+    """CoordConv / baseline step time, the two models stepped alternately on the same batches.
+
+    The median over steps of each step's pair of times (which arm goes first turns every step),
+    so what drifts during the run (clock speed, a neighbour's load) cancels within a pair.
+    Also returns each arm's median step time.
+    """
     dataset = CocoDetection(data, "train")
     batches = [
         collate_detection([dataset[i] for i in range(start, start + BATCH)])
@@ -167,16 +173,18 @@ def interleaved_ratio(data: Path, *, steps: int, warmup: int) -> tuple[float, di
     times: dict[str, list[float]] = {arm: [] for arm in models}
     for step in range(warmup + steps):
         images, targets = batches[step % len(batches)]
-        for arm, model in models.items():
+        arms = list(models) if step % 2 == 0 else list(reversed(models))
+        for arm in arms:
             started = time.perf_counter()
-            loss = sum(model(images, targets).values())
+            loss = sum(models[arm](images, targets).values())
             optimizers[arm].zero_grad(set_to_none=True)
             loss.backward()
             optimizers[arm].step()
             if step >= warmup:
                 times[arm].append(time.perf_counter() - started)
+    pairs = [cc / base for base, cc in zip(times["baseline"], times["coordconv"], strict=True)]
     median = {arm: statistics.median(values) for arm, values in times.items()}
-    return median["coordconv"] / median["baseline"], median
+    return statistics.median(pairs), median
 
 
 def eval_speed(model: torch.nn.Module, data: Path, *, batches: int) -> float:
