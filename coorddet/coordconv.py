@@ -259,8 +259,8 @@ class CoordConv2d(nn.Conv2d):
                 self.coord_weight.is_contiguous(memory_format=torch.channels_last)
                 and not self.coord_weight.is_contiguous()
             ):
-                # A channels_last model: an NCHW concatenation would make oneDNN reorder it,
-                # and its training step ran slower than the 1-channel baseline stem's.
+                # A channels_last model: hand oneDNN the concatenation in that format too (an
+                # NCHW one is reordered inside the conv; ~1% of a training step).
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
             return self._conv_forward(inputs, weight, self.bias)
         if self.padding_mode != "zeros":
