@@ -101,17 +101,17 @@ def roi_align_matmul(
         # for a 16-image step than a loop). Images with fewer RoIs are padded with all-zero
         # weights (training samples the same number per image, so rarely).
         K = max(counts)
-        if min(counts) < K:
+        padded = total < N * K
+        slots = torch.empty(0, dtype=torch.long)  # each real RoI's row among the N*K
+        if padded:
             slots = torch.cat(
                 [torch.arange(n, device=rows.device) + image * K for image, n in enumerate(counts)]
             )
             rows = rows.new_zeros((N * K, P, H)).index_copy(0, slots, rows)
             columns = columns.new_zeros((N * K, P, W)).index_copy(0, slots, columns)
-        else:
-            slots = torch.empty(0, dtype=torch.long)
         by_rows = torch.bmm(rows.reshape(N, K * P, H), maps).reshape(N * K, P, W, C)
         pooled = torch.matmul(columns[:, None], by_rows)  # (N*K, P, P, C)
-        if slots.numel() > 0:
+        if padded:
             pooled = pooled[slots]
     else:
         # Inference: image by image, so each image's (K, P, W, C) intermediate stays in cache
@@ -196,5 +196,4 @@ class ChannelsLastTwoMLPHead(TwoMLPHead):
         else:
             x = self.fc6(x.flatten(start_dim=1))
         # In place: ReLU's backward needs only its output, and each saves a (K, 256) tensor.
-        x = F.relu(self.fc7(F.relu(x, inplace=True)), inplace=True)
-        return x
+        return F.relu(self.fc7(F.relu(x, inplace=True)), inplace=True)
