@@ -64,6 +64,37 @@ def coordinate_grid(height: int, width: int, extents: Tensor, with_r: bool) -> T
     return torch.where(real[:, None], grid, torch.zeros_like(grid))
 
 
+def _batch_sum(grad: Tensor) -> Tensor:
+    """``grad.sum(0, keepdim=True)``, summing over a flat view where the layout allows (torch's
+    dim-0 reduction of a channels_last tensor measured ~25x slower than this)."""
+    n, c, h, w = grad.shape
+    if grad.is_contiguous(memory_format=torch.channels_last):
+        flat = grad.permute(0, 2, 3, 1).reshape(n, -1).sum(0)
+        return flat.view(1, h, w, c).permute(0, 3, 1, 2)
+    if grad.is_contiguous():
+        return grad.reshape(n, -1).sum(0).view(1, c, h, w)
+    return grad.sum(0, keepdim=True)
+
+
+class _AddSharedTerm(torch.autograd.Function):
+    """``out += term``, in place, for a (1, C, H, W) ``term`` shared by the batch (N, C, H, W)."""
+
+    @staticmethod
+    def forward(ctx, out: Tensor, term: Tensor) -> Tensor:  # noqa: ANN001
+        ctx.mark_dirty(out)
+        return out.add_(term)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:  # noqa: ANN001
+        return grad, _batch_sum(grad)
+
+
+@torch.jit.unused
+def _add_shared_term(out: Tensor, term: Tensor) -> Tensor:
+    # Eager only (TorchScript cannot call an autograd.Function; it adds out of place instead).
+    return _AddSharedTerm.apply(out, term)
+
+
 class AddCoords(nn.Module):
     """Append coordinate channels: (N, C, H, W) -> (N, C + 2 (+1 with ``with_r``), H, W).
 
@@ -123,11 +154,13 @@ class CoordConv2d(nn.Conv2d):
     """``nn.Conv2d`` over the input plus coordinate channels (see :class:`AddCoords`).
 
     Same arguments as ``nn.Conv2d``; ``in_channels`` counts the input's own channels only.
-    Computes ``conv2d(cat([x, coords]), cat([weight, coord_weight], 1)) + bias``. Except for
-    1-channel inputs (where the concatenation is faster), it does so as two convolutions
-    whose outputs are added, which is the same sum: the coordinate term is computed once for
-    a batch whose images share an extent and broadcast over it, so the overhead is about one
-    addition per layer.
+    Computes ``conv2d(cat([x, coords]), cat([weight, coord_weight], 1)) + bias`` as two
+    convolutions whose outputs are added, which is the same sum. For a batch whose images
+    share an extent the coordinate term is computed once, (1, C, H, W), and added in place to
+    the input's convolution; its weight gradient comes from the batch-summed output gradient.
+    So CoordConv costs one addition and one summation per layer over the plain convolution
+    (on ``mnist-small``'s stem: +1.2 ms per batch-16 step, where convolving the concatenation
+    cost +2.5 ms).
 
     Parameters: ``weight`` and ``bias`` exactly as the ``nn.Conv2d`` it replaces (same keys,
     same shapes, so a plain conv's weights load unchanged), plus ``coord_weight`` of shape
@@ -250,19 +283,9 @@ class CoordConv2d(nn.Conv2d):
 
     def forward(self, input: Tensor) -> Tensor:
         coords = self.coordinates(input)
-        if self.in_channels == 1 and self.groups == 1:
-            # A 1-channel input (a grayscale stem): oneDNN's 3-channel convolution over the
-            # concatenation measured faster than its 1-channel one alone, so concatenate.
-            inputs = torch.cat([input, coords.expand(input.shape[0], -1, -1, -1)], dim=1)
-            weight = torch.cat([self.weight, self.coord_weight], dim=1)
-            if (
-                self.coord_weight.is_contiguous(memory_format=torch.channels_last)
-                and not self.coord_weight.is_contiguous()
-            ):
-                # A channels_last model: hand oneDNN the concatenation in that format too (an
-                # NCHW one is reordered inside the conv; ~1% of a training step).
-                inputs = inputs.contiguous(memory_format=torch.channels_last)
-            return self._conv_forward(inputs, weight, self.bias)
+        if self.coord_weight.is_contiguous(memory_format=torch.channels_last):
+            # A channels_last model: an NCHW grid would take oneDNN's slow reference path.
+            coords = coords.contiguous(memory_format=torch.channels_last)
         if self.padding_mode != "zeros":
             coords = F.pad(coords, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             coord_term = F.conv2d(
@@ -272,7 +295,11 @@ class CoordConv2d(nn.Conv2d):
             coord_term = F.conv2d(
                 coords, self.coord_weight, None, self.stride, self.padding, self.dilation, 1
             )
-        return self._conv_forward(input, self.weight, self.bias) + coord_term
+        out = self._conv_forward(input, self.weight, self.bias)
+        if not torch.jit.is_scripting():
+            if coord_term.shape[0] == 1:
+                return _add_shared_term(out, coord_term)
+        return out + coord_term
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, with_r={self.with_r}"

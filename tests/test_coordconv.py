@@ -151,6 +151,43 @@ def test_coordconv_is_a_conv_over_add_coords(with_r):
     assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("in_channels", [1, 3])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("with_r", [False, True])
+def test_coordconv_gradients_are_those_of_a_conv_over_add_coords(in_channels, layout, with_r):
+    """The shared coordinate term is added in place and its weight gradient comes from the
+    batch-summed output gradient: every gradient must still be the concatenated conv's."""
+    torch.manual_seed(0)
+    layer = CoordConv2d(in_channels, 8, 5, padding=2, with_r=with_r).to(memory_format=layout)
+    x = torch.randn(4, in_channels, 9, 6).contiguous(memory_format=layout).requires_grad_()
+    out_grad = torch.randn(4, 8, 9, 6).contiguous(memory_format=layout)
+    # torch.relu_ after the layer, as in the backbones: in place on the layer's output.
+    torch.relu_(layer(x)).backward(out_grad)
+    got = [x.grad, layer.weight.grad, layer.coord_weight.grad, layer.bias.grad]
+
+    weight = torch.cat([layer.weight, layer.coord_weight], dim=1).detach().requires_grad_()
+    bias = layer.bias.detach().clone().requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    out = nn.functional.conv2d(AddCoords(with_r)(x2), weight, bias, padding=2)
+    torch.relu(out).backward(out_grad)
+    expected = [x2.grad, weight.grad[:, :in_channels], weight.grad[:, in_channels:], bias.grad]
+    for actual, wanted in zip(got, expected, strict=True):
+        assert_close(actual, wanted, atol=1e-4, rtol=1e-4)
+
+
+def test_coordconv_frozen_conv_and_input_without_grad_still_trains_coordinates():
+    layer = CoordConv2d(2, 4, 3, padding=1)
+    layer.weight.requires_grad_(False)
+    layer.bias.requires_grad_(False)
+    x = torch.randn(3, 2, 6, 6)
+    out = layer(x)
+    assert out.requires_grad
+    out.sum().backward()
+    assert layer.coord_weight.grad.abs().sum() > 0
+    with torch.inference_mode():
+        assert_close(layer(x), out.detach())
+
+
 def test_zero_coordinate_weights_still_learn():
     layer = CoordConv2d.from_conv(nn.Conv2d(2, 4, 3, padding=1))
     layer(torch.randn(2, 2, 6, 6)).pow(2).sum().backward()
