@@ -80,7 +80,9 @@ class BatchedRegionProposalNetwork(RegionProposalNetwork):
                 order = box_ops.nms(image_boxes, image_scores, self.nms_thresh)
             else:
                 image_levels = levels[image][kept]
-                order = box_ops.batched_nms(image_boxes, image_scores, image_levels, self.nms_thresh)
+                order = box_ops.batched_nms(
+                    image_boxes, image_scores, image_levels, self.nms_thresh
+                )
             order = order[:top_n]
             final_boxes.append(image_boxes[order])
             final_scores.append(image_scores[order])
