@@ -4,12 +4,16 @@ import copy
 
 import pytest
 import torch
-from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection import FasterRCNN, fasterrcnn_mobilenet_v3_large_320_fpn
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork
 
 from coorddet.models import build_model
-from coorddet.postprocess import BatchedRegionProposalNetwork, BatchedRoIHeads
+from coorddet.postprocess import (
+    BatchedRegionProposalNetwork,
+    BatchedRoIHeads,
+    batch_postprocessing,
+)
 
 SHAPES = [(64, 64), (40, 64), (64, 23)]  # per-image clipping bounds differ
 
@@ -113,3 +117,24 @@ def test_settings_survive_the_swap():
     assert (heads.detections_per_img, heads.score_thresh, heads.nms_thresh) == (7, 0.2, 0.5)
     assert heads.box_coder.weights == (10.0, 10.0, 5.0, 5.0)
     assert heads.proposal_matcher.high_threshold == 0.5
+
+
+def test_any_torchvision_faster_rcnn_keeps_its_detections():
+    """On torchvision's own builder, images of other sizes and aspect ratios in one batch."""
+    torch.manual_seed(0)
+    detector = fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None)
+    detector.roi_heads.score_thresh = 0.0  # an untrained detector's scores are low
+    plain = copy.deepcopy(detector).eval()
+    batched = batch_postprocessing(detector).eval()
+    assert isinstance(batched.rpn, BatchedRegionProposalNetwork)
+    generator = torch.Generator().manual_seed(0)
+    images = [
+        torch.rand(3, 200, 300, generator=generator),
+        torch.rand(3, 240, 130, generator=generator),
+    ]
+    with torch.no_grad():
+        mine, theirs = batched(images), plain(images)
+    for image_mine, image_theirs in zip(mine, theirs, strict=True):
+        assert len(image_mine["boxes"]) > 0
+        for key in image_mine:
+            assert torch.equal(image_mine[key], image_theirs[key]), key
