@@ -25,7 +25,7 @@ from pycocotools.coco import COCO  # noqa: E402
 from coorddet.checkpoint import load_checkpoint  # noqa: E402
 from coorddet.data import CocoDetection, annotation_file, collate_detection  # noqa: E402
 from coorddet.metrics import evaluate_records, predict_with_proposals  # noqa: E402
-from coorddet.system import keep_freed_memory, use_huge_pages  # noqa: E402
+from coorddet.system import configure_memory  # noqa: E402
 
 KEYS = ("map", "mar_100", "rpn_iou", "det_iou", "gt_iou")
 
@@ -59,8 +59,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int)
     args = parser.parse_args()
-    use_huge_pages()  # the process settings of train.py and coorddet.evaluate
-    keep_freed_memory()
+    configure_memory()  # as train.py and coorddet.evaluate do
     if args.threads:
         torch.set_num_threads(args.threads)
     dataset = CocoDetection(args.data, args.split)

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torchvision.ops.roi_align import _roi_align
 
 from coorddet.models import build_model
-from coorddet.system import keep_freed_memory, use_huge_pages
+from coorddet.system import configure_memory
 
 SWEEP: list[tuple[str, dict]] = [
     ("box_batch_size_per_image=64", {"box_batch_size_per_image": 64}),
@@ -157,8 +157,7 @@ def main() -> None:
     parser.add_argument("--boxes", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    use_huge_pages()  # the process settings of train.py and coorddet.evaluate
-    keep_freed_memory()
+    configure_memory()  # as train.py and coorddet.evaluate do
     torch.set_num_threads(args.threads)
     base = dict(kv.split("=", 1) for kv in args.set)
     base = {key: parse_value(value) for key, value in base.items()}

@@ -52,7 +52,7 @@ from coorddet.fileio import write_json_atomic  # noqa: E402
 from coorddet.metrics import predict_with_proposals  # noqa: E402
 from coorddet.models import build_model  # noqa: E402
 from coorddet.module import DetectionModule  # noqa: E402
-from coorddet.system import describe_machine, keep_freed_memory, use_huge_pages  # noqa: E402
+from coorddet.system import configure_memory, describe_machine  # noqa: E402
 from data_gen import GeneratorConfig, generate  # noqa: E402
 
 BATCH = 16
@@ -214,8 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", metavar="FILE.json", help="also write the results as JSON")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
-    use_huge_pages()  # as train.py and coorddet.evaluate do
-    keep_freed_memory()
+    configure_memory()  # as train.py and coorddet.evaluate do
     if args.threads is not None:
         if args.threads < 1:
             parser.error("--threads must be >= 1")

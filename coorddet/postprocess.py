@@ -136,6 +136,17 @@ class BatchedRoIHeads(RoIHeads):
         return all_boxes, all_scores, all_labels
 
 
+def _sampling(module: RegionProposalNetwork | RoIHeads) -> dict[str, float]:
+    """The matcher and sampler settings an RPN or RoI heads was built with, as its
+    constructor's keyword arguments."""
+    return {
+        "fg_iou_thresh": module.proposal_matcher.high_threshold,
+        "bg_iou_thresh": module.proposal_matcher.low_threshold,
+        "batch_size_per_image": module.fg_bg_sampler.batch_size_per_image,
+        "positive_fraction": module.fg_bg_sampler.positive_fraction,
+    }
+
+
 def batch_postprocessing(model: FasterRCNN) -> FasterRCNN:
     """Give ``model`` (in place, and returned) a :class:`BatchedRegionProposalNetwork` and
     :class:`BatchedRoIHeads` built from its own RPN's and RoI heads' submodules and settings,
@@ -144,10 +155,7 @@ def batch_postprocessing(model: FasterRCNN) -> FasterRCNN:
     batched_rpn = BatchedRegionProposalNetwork(
         rpn.anchor_generator,
         rpn.head,
-        fg_iou_thresh=rpn.proposal_matcher.high_threshold,
-        bg_iou_thresh=rpn.proposal_matcher.low_threshold,
-        batch_size_per_image=rpn.fg_bg_sampler.batch_size_per_image,
-        positive_fraction=rpn.fg_bg_sampler.positive_fraction,
+        **_sampling(rpn),
         pre_nms_top_n=dict(rpn._pre_nms_top_n),
         post_nms_top_n=dict(rpn._post_nms_top_n),
         nms_thresh=rpn.nms_thresh,
@@ -158,10 +166,7 @@ def batch_postprocessing(model: FasterRCNN) -> FasterRCNN:
         heads.box_roi_pool,
         heads.box_head,
         heads.box_predictor,
-        fg_iou_thresh=heads.proposal_matcher.high_threshold,
-        bg_iou_thresh=heads.proposal_matcher.low_threshold,
-        batch_size_per_image=heads.fg_bg_sampler.batch_size_per_image,
-        positive_fraction=heads.fg_bg_sampler.positive_fraction,
+        **_sampling(heads),
         bbox_reg_weights=heads.box_coder.weights,
         score_thresh=heads.score_thresh,
         nms_thresh=heads.nms_thresh,

@@ -89,3 +89,11 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def configure_memory() -> None:
+    """The memory settings of coorddet's command-line tools and benchmarks: huge pages for
+    large tensors (:func:`use_huge_pages`) and freed memory kept for reuse
+    (:func:`keep_freed_memory`). Call it at start-up, before the first large tensor."""
+    use_huge_pages()
+    keep_freed_memory()

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from coorddet.errors import UserError
-from coorddet.system import keep_freed_memory, use_huge_pages
+from coorddet.system import configure_memory
 
 USER_ERROR_EXIT = 2
 
@@ -23,10 +23,9 @@ def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None 
     """Call ``main(argv)``; a :class:`UserError` becomes one line on stderr and exit code 2.
 
     Large CPU tensors use transparent huge pages and freed memory is reused
-    (:func:`coorddet.system.use_huge_pages`, :func:`coorddet.system.keep_freed_memory`).
+    (:func:`coorddet.system.configure_memory`).
     """
-    use_huge_pages()
-    keep_freed_memory()
+    configure_memory()
     try:
         return main(argv)
     except UserError as error:
