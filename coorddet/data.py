@@ -4,6 +4,8 @@ Layout read (the contract written by ``data_gen``)::
 
     ROOT/annotations/instances_{split}.json   COCO: images, annotations (bbox [x, y, w, h] px), categories
     ROOT/{split}/<file_name>                  8-bit grayscale PNGs, width x height as in the JSON
+    ROOT/dataset.json                         optional; "boxes": "placement" allows boxes that
+                                              lie outside the image (data_gen --boxes placement)
 
 Every file is checked when a split is opened; anything wrong raises
 :class:`coorddet.errors.UserError` with one line naming the file and the problem. Each split
@@ -30,6 +32,9 @@ from torch.utils.data import Dataset
 from coorddet.errors import UserError
 
 Target = dict[str, torch.Tensor]
+
+
+VISIBLE_BOXES, PLACEMENT_BOXES = "visible", "placement"  # dataset.json "boxes" (data_gen --boxes)
 
 
 def annotation_file(root: str | Path, split: str) -> Path:
@@ -72,7 +77,13 @@ class CocoDetection(Dataset):
         self.transforms = transforms
         json_path = annotation_file(root, split)
         dataset = _read_json(json_path, self.root)
-        _check_coco(dataset, json_path)
+        self.box_kind = box_kind(self.root)
+        _check_coco(dataset, json_path, boxes_may_leave_image=self.box_kind == PLACEMENT_BOXES)
+        if transforms is not None and self.box_kind == PLACEMENT_BOXES:
+            raise UserError(
+                f"{self.root}: augmentation is not supported for placement boxes (they may lie "
+                "outside the image); set data.augment: false"
+            )
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
             self.coco = COCO()
             self.coco.dataset = dataset
@@ -178,8 +189,21 @@ def _read_json(path: Path, root: Path) -> dict[str, Any]:
     return data
 
 
-def _check_coco(data: dict[str, Any], path: Path) -> None:
-    """Validate ``data`` in place (fills the optional ``iscrowd``/``area`` COCOeval needs)."""
+def box_kind(root: Path) -> str:
+    """``"placement"`` when ``root/dataset.json`` (written by ``data_gen``) says its boxes are
+    the released loader's unclipped placement rectangles, else ``"visible"``."""
+    try:
+        kind = json.loads((Path(root) / "dataset.json").read_bytes()).get("boxes")
+    except (OSError, ValueError, AttributeError):
+        return VISIBLE_BOXES
+    return PLACEMENT_BOXES if kind == PLACEMENT_BOXES else VISIBLE_BOXES
+
+
+def _check_coco(data: dict[str, Any], path: Path, *, boxes_may_leave_image: bool = False) -> None:
+    """Validate ``data`` in place (fills the optional ``iscrowd``/``area`` COCOeval needs).
+
+    Boxes must lie inside their image unless ``boxes_may_leave_image`` (placement boxes).
+    """
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
             raise UserError(f"{path}: missing '{key}' list")
@@ -221,7 +245,10 @@ def _check_coco(data: dict[str, Any], path: Path) -> None:
         if w <= 0 or h <= 0:
             raise UserError(f"{where}: bbox {bbox} has zero or negative width/height")
         tol = 1e-3  # float boxes that touch the edge may overshoot by rounding
-        if x < -tol or y < -tol or x + w > image["width"] + tol or y + h > image["height"] + tol:
+        outside = (
+            x < -tol or y < -tol or x + w > image["width"] + tol or y + h > image["height"] + tol
+        )
+        if outside and not boxes_may_leave_image:
             raise UserError(
                 f"{where}: bbox {bbox} lies outside its {image['width']}x{image['height']} image"
             )

@@ -245,6 +245,7 @@ def evaluate(args: Any) -> tuple[Path, dict[str, Any]]:
     loaded = [load_checkpoint(path, trust=args.trust_checkpoint) for path in args.checkpoints]
 
     from coorddet.metrics import evaluate_records, ground_truth, per_gt_ious, to_coco_results
+    from coorddet.models import is_rpn_only
     from coorddet.plots import plot_detections, plot_iou_distribution
     from coorddet.report import aggregate_groups, render_report, staged_dir, write_json
 
@@ -259,12 +260,16 @@ def evaluate(args: Any) -> tuple[Path, dict[str, Any]]:
     runs: dict[str, list[Any]] = {}
     sources: dict[str, str] = {}
     groups: dict[str, list[str]] = {}
+    proposals_only: set[str] = set()  # RPN-only detectors: rpn_iou alone, detection metrics null
     baseline = None
     sizes = {(image["width"], image["height"]) for image in dataset.coco.imgs.values()}
     for checkpoint in loaded:
         group = re.sub(r"[^A-Za-z0-9._+-]+", "_", checkpoint.name).lstrip("._-") or "run"
         name = _unique_name(group, checkpoint.seed, list(runs))
-        runs[name] = _predict(checkpoint.build_model(), dataset, args, device, name)
+        model = checkpoint.build_model()
+        if is_rpn_only(model):
+            proposals_only.add(name)
+        runs[name] = _predict(model, dataset, args, device, name)
         sources[name] = f"`{checkpoint.path}` ({checkpoint.describe(sizes)})"
         groups.setdefault(group, []).append(name)
         if baseline is None and not checkpoint.coordconv:
@@ -279,7 +284,13 @@ def evaluate(args: Any) -> tuple[Path, dict[str, Any]]:
     gts = ground_truth(dataset.coco, ids)
     metrics = {
         name: _json_ready(
-            evaluate_records(dataset.coco, records, image_ids=ids, score_thresh=args.score_thresh)
+            evaluate_records(
+                dataset.coco,
+                records,
+                image_ids=ids,
+                score_thresh=args.score_thresh,
+                detections=name not in proposals_only,
+            )
         )
         for name, records in runs.items()
     }

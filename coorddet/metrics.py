@@ -411,16 +411,24 @@ def evaluate_records(
     *,
     image_ids: Iterable[int] | None = None,
     score_thresh: float = 0.5,
+    detections: bool = True,
 ) -> dict[str, float]:
     """Every ``METRIC_KEYS`` value for ``records`` over ``image_ids`` (default: the records').
 
     Records are deduplicated first. Images without a record count as having no detections.
+    ``detections=False`` (an RPN-only detector): only ``rpn_iou``; the detection metrics
+    (``COCO_KEYS``, ``det_iou``, ``gt_iou``) are NaN, undefined.
     COCO metrics are computed from :func:`to_coco_results` (rounded), so re-scoring the written
     results file gives the same numbers.
     """
     records = dedupe_records(records)
     ids = sorted({int(r.image_id) for r in records} if image_ids is None else set(image_ids))
     _check_known(coco_gt, ids + [r.image_id for r in records])
+    gts = ground_truth(coco_gt, ids)
+    if not detections:
+        proposal = per_proposal_ious(records, gts)
+        rpn_iou = math.nan if proposal is None else _mean(proposal, empty=0.0)
+        return {key: rpn_iou if key == "rpn_iou" else math.nan for key in METRIC_KEYS}
     metrics = coco_metrics(coco_gt, to_coco_results(records), image_ids=ids)
-    metrics.update(iou_metrics(records, ground_truth(coco_gt, ids), score_thresh=score_thresh))
+    metrics.update(iou_metrics(records, gts, score_thresh=score_thresh))
     return {key: metrics[key] for key in METRIC_KEYS}

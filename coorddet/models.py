@@ -24,15 +24,30 @@ from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import mobilenet_backbone, resnet_fpn_backbone
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
-from torchvision.models.detection.rpn import RPNHead
+from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 
 from coorddet.inject import DEFAULT_SITES, check_sites, inject_coordconv
 from coorddet.poolers import ChannelsLastTwoMLPHead, MatmulRoIAlign, SingleMapRoIPool
-from coorddet.postprocess import batch_postprocessing
+from coorddet.postprocess import BatchedRegionProposalNetwork, batch_postprocessing
+from coorddet.released import (
+    ANCHOR_LAYOUTS,
+    TEMPLATES,
+    NoRoIHeads,
+    ReceptiveFieldAnchors,
+    ReleasedRegionProposalNetwork,
+    ReleasedRPNHead,
+    he_normal_,
+    receptive_field_centres,
+)
 
 ROI_POOLS = ("align", "align-torchvision", "pool")
+DETECTORS = ("faster-rcnn", "rpn-only")
+RPNS = ("torchvision", "released")
+PADDINGS = ("same", "valid")
+BACKBONE_INITS = ("default", "he-normal")
 
 
 @dataclass(frozen=True)
@@ -76,14 +91,19 @@ class MnistSmallBackbone(nn.Module):
 
     ``body``: conv1 (5x5, 32) -> relu1 -> pool1 (2x2) -> conv2 (5x5, 64) -> relu2 -> pool2, so
     the stem is ``body.conv1`` like torchvision's ResNets. One feature map, stride 4.
+    ``padding="valid"`` (the released code's default) gives a 13x13 map for 64x64 canvases.
     """
 
-    def __init__(self, in_channels: int = 1, widths: Sequence[int] = (32, 64)) -> None:
+    def __init__(
+        self, in_channels: int = 1, widths: Sequence[int] = (32, 64), padding: str = "same"
+    ) -> None:
         super().__init__()
         layers: OrderedDict[str, nn.Module] = OrderedDict()
         channels = in_channels
         for index, width in enumerate(widths, start=1):
-            layers[f"conv{index}"] = nn.Conv2d(channels, width, kernel_size=5, padding=2)
+            layers[f"conv{index}"] = nn.Conv2d(
+                channels, width, kernel_size=5, padding=2 if padding == "same" else 0
+            )
             layers[f"relu{index}"] = nn.ReLU(inplace=True)
             layers[f"pool{index}"] = nn.MaxPool2d(2)
             channels = width
@@ -174,10 +194,15 @@ def _pretrained_weights(name: str, spec: _Backbone) -> WeightsEnum:
     return spec.weights
 
 
-def _backbone(name: str, spec: _Backbone, pretrained: bool) -> nn.Module:
+def _backbone(name: str, spec: _Backbone, pretrained: bool, padding: str, init: str) -> nn.Module:
     weights = _pretrained_weights(name, spec) if pretrained else None
     if name == "mnist-small":
-        return MnistSmallBackbone()
+        backbone = MnistSmallBackbone(padding=padding)
+        if init == "he-normal":
+            for module in backbone.modules():
+                if isinstance(module, nn.Conv2d):
+                    he_normal_(module)
+        return backbone
     # As torchvision's fasterrcnn_* builders do: frozen BN and 3 trainable stages when
     # fine-tuning ImageNet weights; plain BN and everything trainable from scratch.
     norm_layer = FrozenBatchNorm2d if pretrained else nn.BatchNorm2d
@@ -195,6 +220,48 @@ def _backbone(name: str, spec: _Backbone, pretrained: bool) -> nn.Module:
         norm_layer=norm_layer,
         trainable_layers=3 if pretrained else 6,
     )
+
+
+def _rpn_only(
+    body: nn.Module,
+    anchors: AnchorGenerator,
+    *,
+    rpn: str,
+    anchor_layout: str,
+    padding: str,
+    canvas_size: int,
+    mean: list[float],
+    std: list[float],
+    pre_nms_top_n: dict[str, int],
+    post_nms_top_n: dict[str, int],
+    batch_size_per_image: int,
+) -> GeneralizedRCNN:
+    """torchvision's ``GeneralizedRCNN`` from a backbone, an RPN and :class:`NoRoIHeads`."""
+    if rpn == "released":
+        first, stride = receptive_field_centres(padding)
+        proposer: RegionProposalNetwork = ReleasedRegionProposalNetwork(
+            ReceptiveFieldAnchors(first, stride, TEMPLATES, anchor_layout),
+            ReleasedRPNHead(body.out_channels, len(TEMPLATES)),
+        )
+    else:
+        proposer = BatchedRegionProposalNetwork(
+            anchors,
+            RPNHead(body.out_channels, anchors.num_anchors_per_location()[0]),
+            fg_iou_thresh=0.7,  # torchvision's FasterRCNN defaults
+            bg_iou_thresh=0.3,
+            batch_size_per_image=batch_size_per_image,
+            positive_fraction=0.5,
+            pre_nms_top_n=pre_nms_top_n,
+            post_nms_top_n=post_nms_top_n,
+            nms_thresh=0.7,
+        )
+    transform = GrayscaleTransform(canvas_size, canvas_size, mean, std)
+    return GeneralizedRCNN(body, proposer, NoRoIHeads(), transform)
+
+
+def is_rpn_only(model: nn.Module) -> bool:
+    """True for :func:`build_model`'s ``detector="rpn-only"`` models (no detections)."""
+    return isinstance(getattr(model, "roi_heads", None), NoRoIHeads)
 
 
 def build_model(
@@ -222,8 +289,13 @@ def build_model(
     box_score_thresh: float = 0.05,
     image_mean: Sequence[float] | None = None,
     image_std: Sequence[float] | None = None,
-) -> FasterRCNN:
-    """Build a Faster R-CNN for ``canvas_size`` grayscale canvases.
+    detector: str = "faster-rcnn",
+    rpn: str = "torchvision",
+    anchor_layout: str = "intended",
+    backbone_padding: str = "same",
+    backbone_init: str = "default",
+) -> GeneralizedRCNN:
+    """Build a Faster R-CNN (or an RPN-only detector) for ``canvas_size`` grayscale canvases.
 
     Args:
         backbone: one of :data:`BACKBONES`. ``mnist-small``: :class:`MnistSmallBackbone`
@@ -254,6 +326,21 @@ def build_model(
         box_detections_per_img, box_score_thresh: torchvision's inference options.
         image_mean, image_std: per-channel normalisation; ``None``: the backbone's default
             (1 value for ``mnist-small``, 3 ImageNet values for the others).
+        detector: ``"faster-rcnn"``, or ``"rpn-only"``: a torchvision ``GeneralizedRCNN``
+            whose RoI-head slot is :class:`coorddet.released.NoRoIHeads`; it trains on the RPN
+            losses alone and is scored by ``rpn_iou`` (detection metrics are undefined).
+        rpn: ``"torchvision"`` (``RPNHead``, ``AnchorGenerator`` with ``anchor_sizes`` x
+            ``aspect_ratios``, torchvision's sampler and losses) or ``"released"``: the
+            CoordConv paper's released RPN (:mod:`coorddet.released`: its head, 9 anchor
+            templates at receptive-field centres, its sampler, losses and NMS at 0.8 to 10
+            proposals); needs ``detector="rpn-only"`` and ``mnist-small``.
+        anchor_layout: ``rpn="released"`` only: ``"intended"`` anchors, or ``"released"``,
+            the ones the released code actually trains with (see :mod:`coorddet.released`).
+        backbone_padding: ``mnist-small``'s convolutions, ``"same"`` (a 16x16 map for 64 px
+            canvases) or ``"valid"`` (13x13, the released code's default; needs
+            ``rpn="released"``, whose anchors follow the receptive field).
+        backbone_init: ``"default"`` (PyTorch's) or ``"he-normal"`` (TensorFlow's, as the
+            released code initialises ``mnist-small``).
 
     Raises:
         ValueError: a bad argument (the message names it and the valid values), or
@@ -268,6 +355,25 @@ def build_model(
     sites = check_sites(coordconv_sites)  # also when coordconv=False: no silent typos
     if coordconv and not sites:
         raise ValueError("coordconv_sites=[] is not valid with coordconv=True; name sites")
+    _choice("detector", detector, DETECTORS)
+    _choice("rpn", rpn, RPNS)
+    _choice("anchor_layout", anchor_layout, ANCHOR_LAYOUTS)
+    _choice("backbone_padding", backbone_padding, PADDINGS)
+    _choice("backbone_init", backbone_init, BACKBONE_INITS)
+    if rpn == "released" and (detector != "rpn-only" or backbone != "mnist-small"):
+        raise ValueError(
+            "rpn='released' is the released code's RPN-only detector: it needs "
+            "detector='rpn-only' and backbone='mnist-small'"
+        )
+    if backbone != "mnist-small" and (backbone_padding, backbone_init) != ("same", "default"):
+        raise ValueError(
+            f"backbone_padding and backbone_init apply to mnist-small only, not {backbone!r}"
+        )
+    if backbone_padding == "valid" and rpn != "released":
+        raise ValueError(
+            "backbone_padding='valid' needs rpn='released' (torchvision's anchors assume "
+            "'same' padding)"
+        )
     _integer("num_classes", num_classes, minimum=2)
     for name, value in [
         ("canvas_size", canvas_size),
@@ -296,7 +402,18 @@ def build_model(
         _number("image_std", value, 1e-6)
 
     anchors = _anchor_generator(backbone, spec, anchor_sizes, aspect_ratios)
-    body = _backbone(backbone, spec, pretrained)
+    body = _backbone(backbone, spec, pretrained, backbone_padding, backbone_init)
+    if detector == "rpn-only":
+        model = _rpn_only(
+            body, anchors, rpn=rpn, anchor_layout=anchor_layout, padding=backbone_padding,
+            canvas_size=canvas_size, mean=mean, std=std,
+            pre_nms_top_n={"training": rpn_pre_nms_top_n_train, "testing": rpn_pre_nms_top_n_test},
+            post_nms_top_n={"training": rpn_post_nms_top_n_train, "testing": rpn_post_nms_top_n_test},
+            batch_size_per_image=rpn_batch_size_per_image,
+        )  # fmt: skip
+        if coordconv:
+            inject_coordconv(model, sites, with_r=with_r)
+        return model.to(memory_format=torch.channels_last)
     rpn_head = RPNHead(body.out_channels, anchors.num_anchors_per_location()[0])
     roi_maps = list(spec.roi_maps)
     if roi_pool == "align" and single_map:

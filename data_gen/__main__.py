@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 
+from data_gen.canvas import BOX_KINDS
 from data_gen.config import MAX_WORKERS, SOURCES, SPLIT_MODES, GeneratorConfig
 from data_gen.errors import UserError
 from data_gen.generate import generate
@@ -116,6 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="'quadrant': train/val digit centres in the top-left, top-right and bottom-left "
         "quadrants, test centres only in the bottom-right one (generalization split)",
     )
+    add(
+        "--boxes",
+        default="visible",
+        choices=BOX_KINDS,
+        help="ground truth: 'visible' = tight box of each digit's visible ink; 'placement' = "
+        "the released CoordConv loader's: the unclipped rectangle each digit was pasted into "
+        "(may lie partly or wholly outside the canvas), every digit kept (--min-visible unused)",
+    )
     add("--train", type=int, default=9000, metavar="N", help="train canvases")
     add("--val", type=int, default=1000, metavar="N", help="validation canvases")
     add("--test", type=int, default=1000, metavar="N", help="test canvases")
@@ -165,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             max_iou=args.max_iou,
             min_visible=args.min_visible,
             split_mode=args.split_mode,
+            boxes=args.boxes,
             train=args.train,
             val=args.val,
             test=args.test,

@@ -15,7 +15,18 @@ The recipe (defaults reproduce the CoordConv paper's field-of-MNIST setup):
    (never drawn, never annotated). Overlapping digits combine by clipped sum:
    ``canvas = min(sum of digit layers, 255)``.
 
-Boxes are the tight box of each digit's *visible* ink, computed on that digit's own layer
+Two kinds of boxes (``CanvasSpec.boxes``):
+
+- ``visible`` (the default): the tight box of the digit's visible ink, below.
+- ``placement``: the released CoordConv loader's ground truth (``field_of_mnist/loader.py``,
+  ``generate_dataset``): the rectangle the resized digit was pasted into, shifted by the crop
+  offset and *not* clipped, so it may lie partly or wholly outside the canvas. Every digit is
+  kept and annotated, however little of it (or none) the crop leaves; ``min_visible`` does
+  not apply. One difference from the loader: sizes and positions are whole pixels (h, w drawn
+  uniformly from the integers of ``digit_size``), where the loader draws real numbers and
+  pastes with a sub-pixel affine transform.
+
+Visible boxes are the tight box of each digit's *visible* ink, computed on that digit's own layer
 (so overlapping digits never merge boxes): ``[x, y, w, h]`` in pixels, ``x, y`` the
 top-left ink pixel, ``w, h`` pixel counts (a one-pixel digit has ``w = h = 1``). Every
 box edge row/column therefore contains a pixel > :data:`INK_THRESHOLD` of that digit, and
@@ -41,6 +52,8 @@ INK_THRESHOLD = 0  # ink = value > 0; fixed (PIL getbbox, used below, assumes it
 DIGIT_TRIES = 100  # random positions tried per digit before the canvas attempt fails
 CANVAS_ATTEMPTS = 10  # fresh draws of the whole canvas before giving up
 ANYWHERE, THREE_QUADRANTS, HELDOUT_QUADRANT = "anywhere", "three_quadrants", "heldout_quadrant"
+VISIBLE, PLACEMENT = "visible", "placement"
+BOX_KINDS = (VISIBLE, PLACEMENT)
 _QUADRANT_HALVES = ((False, False), (True, False), (False, True))  # (x high, y high): TL, TR, BL
 
 
@@ -59,13 +72,15 @@ class CanvasSpec:
     max_iou: float = 1.0
     min_visible: float = 0.25
     region: str = ANYWHERE
+    boxes: str = VISIBLE  # or PLACEMENT: the released loader's unclipped paste rectangles
 
 
 @dataclass(frozen=True)
 class Canvas:
     """One rendered canvas.
 
-    ``image``: (S, S) uint8. ``boxes``: (K, 4) int64 ``[x, y, w, h]`` pixels, visible ink.
+    ``image``: (S, S) uint8. ``boxes``: (K, 4) int64 ``[x, y, w, h]`` pixels: visible ink, or
+    the unclipped paste rectangle (``CanvasSpec.boxes == PLACEMENT``).
     ``labels``: (K,) int64 digits 0..9. ``source_indices``: (K,) int64 rows of the source.
     """
 
@@ -146,6 +161,7 @@ def _attempt(rng, spec: CanvasSpec, bank: DigitBank, pool: np.ndarray) -> Canvas
     widths = (spec.digit_size[0] + draws[2] * span).astype(np.int64).tolist()
     first_tries = draws[3:].T.tolist()
     total = np.zeros((size, size), dtype=np.uint16)
+    placement = spec.boxes == PLACEMENT
     kept_boxes: list[tuple[int, int, int, int]] = []
     kept_digits: list[int] = []
     for index, height, width, first_try in zip(chosen, heights, widths, first_tries, strict=True):
@@ -158,11 +174,14 @@ def _attempt(rng, spec: CanvasSpec, bank: DigitBank, pool: np.ndarray) -> Canvas
             x0, y0 = position
             window = _visible_window(x0, y0, height, width, size)
             cols0, cols1, rows0, rows1 = window
-            if cols1 <= cols0 or rows1 <= rows0:
+            outside = cols1 <= cols0 or rows1 <= rows0
+            if outside and not placement:
                 break  # entirely outside the canvas: erased
-            if layer_image is None:
+            if layer_image is None and not outside:
                 layer_image = bank.crop(index).resize((width, height), Image.Resampling.BILINEAR)
-            if window == (0, width, 0, height):  # fully visible: PIL finds the ink box
+            if placement:
+                box = (x0, y0, width, height)  # the paste rectangle, kept whatever is visible
+            elif window == (0, width, 0, height):  # fully visible: PIL finds the ink box
                 ink = layer_image.getbbox()  # nonzero pixels, i.e. INK_THRESHOLD == 0
                 if ink is None:
                     break
@@ -176,6 +195,10 @@ def _attempt(rng, spec: CanvasSpec, bank: DigitBank, pool: np.ndarray) -> Canvas
                     break  # too little ink left inside the canvas: erased
             if not _in_region(box, spec.region, size) or _too_close(box, kept_boxes, spec.max_iou):
                 continue
+            if outside:  # placement boxes only: annotated, nothing to draw
+                kept_boxes.append(box)
+                kept_digits.append(index)
+                break
             if layer is None:
                 layer = np.asarray(layer_image)
             total[y0 + rows0 : y0 + rows1, x0 + cols0 : x0 + cols1] += layer[

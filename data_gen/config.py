@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from data_gen.canvas import BOX_KINDS
 from data_gen.errors import UserError
 
 SOURCES = ("bundled", "mnist")
@@ -62,7 +63,9 @@ class GeneratorConfig:
     paper's ratio, 120 for a 64 px canvas (``round(canvas_size * 15 / 8)``).
     ``max_iou``: largest IoU allowed between two digits' boxes (1.0 allows any overlap).
     ``min_visible``: digits keeping a smaller fraction of their ink pixels after the crop
-    are erased. ``split_mode``: "uniform", or "quadrant" (train/val digit centres in the
+    are erased. ``boxes``: "visible" (tight box of the visible ink) or "placement" (the
+    released CoordConv loader's unclipped paste rectangles; every digit kept, see
+    :mod:`data_gen.canvas`). ``split_mode``: "uniform", or "quadrant" (train/val digit centres in the
     top-left, top-right and bottom-left quadrants, test centres in the bottom-right one).
     ``workers``: processes (None = CPUs, capped at 8); never changes the output.
     ``preview``: number of train canvases drawn into ``OUT/preview.png`` (0 = none).
@@ -79,6 +82,7 @@ class GeneratorConfig:
     max_iou: float = 1.0
     min_visible: float = 0.25
     split_mode: str = "uniform"
+    boxes: str = "visible"
     train: int = 9000
     val: int = 1000
     test: int = 1000
@@ -109,6 +113,8 @@ class GeneratorConfig:
             raise UserError("--source mnist needs --mnist-root DIR (add --download to fetch it)")
         if self.source != "mnist" and (self.mnist_root is not None or self.download):
             raise UserError("--mnist-root and --download only apply to --source mnist")
+        if self.boxes not in BOX_KINDS:
+            raise UserError(f"unknown --boxes {self.boxes!r}; choose {' or '.join(BOX_KINDS)}")
         if self.split_mode not in SPLIT_MODES:
             raise UserError(f"unknown --split-mode {self.split_mode!r}; choose uniform or quadrant")
         for flag, value in (

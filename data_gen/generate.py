@@ -25,7 +25,9 @@ from data_gen.canvas import (
     ANYWHERE,
     HELDOUT_QUADRANT,
     INK_THRESHOLD,
+    PLACEMENT,
     THREE_QUADRANTS,
+    VISIBLE,
     CanvasSpec,
     DigitBank,
     render_canvas,
@@ -39,6 +41,11 @@ GENERATOR_VERSION = "1.0.0"
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 PREFLIGHT_CANVASES = 32  # rendered before anything is written, to fail fast on bad layouts
 CHUNK_RANGE = (16, 250)  # canvases per worker task
+BOX_CONVENTIONS = {
+    VISIBLE: "[x, y, w, h] tight box of the digit's visible ink, pixels",
+    PLACEMENT: "[x, y, w, h] the rectangle the resized digit was pasted into, shifted by the "
+    "crop offset, not clipped (the released CoordConv loader's ground truth), pixels",
+}
 
 _STATE: dict = {}  # per-process render state, set by _init_worker
 
@@ -112,6 +119,7 @@ def _render_state(config: GeneratorConfig, source: DigitSource) -> dict:
         crop_from=config.crop_from,
         max_iou=config.max_iou,
         min_visible=config.min_visible,
+        boxes=config.boxes,
     )
     train_spec = CanvasSpec(**base, region=THREE_QUADRANTS if quadrant else ANYWHERE)
     test_spec = CanvasSpec(**base, region=HELDOUT_QUADRANT if quadrant else ANYWHERE)
@@ -217,13 +225,16 @@ def _write_metadata(
         "generator": "data_gen",
         "generator_version": GENERATOR_VERSION,
         "source": source.provenance,
+        "boxes": config.boxes,  # coorddet.data accepts boxes beyond the image only if "placement"
         "parameters": config.parameters(),
         "conventions": {
             "overlap": "clipped sum: min(sum of digit layers, 255)",
             "ink": f"pixel value > {INK_THRESHOLD}",
             "resize": "ink crop resized with PIL bilinear",
-            "bbox": "[x, y, w, h] tight box of the digit's visible ink, pixels",
-            "min_visible": "digits keeping a smaller fraction of their ink pixels are erased",
+            "bbox": BOX_CONVENTIONS[config.boxes],
+            "min_visible": "digits keeping a smaller fraction of their ink pixels are erased"
+            if config.boxes == VISIBLE
+            else "not applied: every digit is kept and annotated",
             "quadrant_split": "test centres bottom-right; train/val centres in the other three",
             "image_ids": "id = index + 1, file_name = f'{index:06d}.png'",
         },

@@ -30,9 +30,7 @@ import argparse
 import json
 import os
 import shlex
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -51,6 +49,11 @@ from coorddet.report import (  # noqa: E402
     relative_change,
 )
 from coorddet.system import describe_machine  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "experiments"))
+from study import Log, git_commit, python_env  # noqa: E402
+from study import check_call as _check  # noqa: E402
+from study import duration as _duration  # noqa: E402
 
 # Arm name -> train.py flags. The CoordConv sites are configs/paper.yaml's (the paper's:
 # backbone-stem, rpn-head, rpn-box).
@@ -140,42 +143,6 @@ def _names(parser: argparse.ArgumentParser, flag: str, text: str, known: dict) -
     return list(dict.fromkeys(names))
 
 
-class Log:
-    """Timestamped lines on stdout, flushed (the script usually runs in the background)."""
-
-    def __init__(self) -> None:
-        self.start = time.monotonic()
-        self.lock = threading.Lock()
-
-    def __call__(self, message: str) -> None:
-        with self.lock:
-            print(f"[{_duration(time.monotonic() - self.start)}] {message}", flush=True)
-
-
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}"
-
-
-def _python_env(threads: int) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
-    return env
-
-
-def _check(cmd: list[str], log_file: Path, env: dict[str, str]) -> None:
-    """Run ``cmd`` with its output in ``log_file``; raise with the log's tail if it fails."""
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    with log_file.open("a") as out:
-        out.write(f"$ {shlex.join(cmd)}\n")
-        out.flush()
-        code = subprocess.call(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
-    if code != 0:
-        tail = log_file.read_text().strip().splitlines()[-1:]
-        raise RuntimeError(f"{shlex.join(cmd)} failed (exit {code}): {' '.join(tail)} [{log_file}]")
-
-
 def make_dataset(split: str, args: argparse.Namespace, log: Log) -> Path:
     out = Path(args.data_root) / split
     wanted = {"split_mode": split, "train": args.train, "val": args.val, "test": args.test}
@@ -193,7 +160,7 @@ def make_dataset(split: str, args: argparse.Namespace, log: Log) -> Path:
            "--train", str(args.train), "--val", str(args.val), "--test", str(args.test),
            "--seed", "0", "--quiet"]  # fmt: skip
     started = time.monotonic()
-    _check(cmd, Path(args.runs) / f"data_{split}.log", _python_env(2))
+    _check(cmd, Path(args.runs) / f"data_{split}.log", python_env(2))
     log(f"dataset {out}: generated in {time.monotonic() - started:.1f} s")
     return out
 
@@ -215,7 +182,7 @@ def train(run: Run, data: Path, args: argparse.Namespace, log: Log) -> dict[str,
         cmd += ["--overwrite"]  # a run that died before its first checkpoint
     log(f"{run.key}: training")
     started = time.monotonic()
-    _check(cmd, out.with_name(out.name + ".log"), _python_env(args.threads))
+    _check(cmd, out.with_name(out.name + ".log"), python_env(args.threads))
     result = json.loads(metrics.read_text())
     log(f"{run.key}: trained in {_duration(time.monotonic() - started)}, "
         f"{result['train_img_per_s']} img/s, val map {result['map']:.4f}")  # fmt: skip
@@ -228,7 +195,7 @@ def evaluate(study: str, runs: list[Run], data: Path, args: argparse.Namespace, 
     cmd = [sys.executable, "-m", "coorddet.evaluate", "--data", str(data), "--split", "test",
            "--out", str(report), "--group", "--overwrite", "--quiet", "--device", "cpu", *ckpts]  # fmt: skip
     started = time.monotonic()
-    _check(cmd, Path(args.runs) / "reports" / f"{study}.log", _python_env(args.threads))
+    _check(cmd, Path(args.runs) / "reports" / f"{study}.log", python_env(args.threads))
     log(f"{study}: evaluated {len(runs)} checkpoints in {time.monotonic() - started:.1f} s")
     return report
 
@@ -273,18 +240,6 @@ def summarize(study: str, runs: list[Run], report: Path, wall: float) -> dict[st
             for key in METRICS
         }
     return result
-
-
-def git_commit() -> str | None:
-    """The checked-out commit (``-dirty`` with uncommitted changes), or None outside git."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                              capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                cwd=ROOT, capture_output=True, text=True, check=True).stdout  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head + ("-dirty" if status.strip() else "")
 
 
 def _cell(stats: dict[str, Any]) -> str:

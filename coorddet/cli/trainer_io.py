@@ -124,7 +124,8 @@ def build_trainer(config: TrainConfig, *, quiet: bool) -> L.Trainer:
         RunCheckpoint(
             dirpath=out / "checkpoints",
             filename="best",
-            monitor="map",
+            # RPN-only detectors have no map: the best checkpoint is the best rpn_iou.
+            monitor="rpn_iou" if config.model.get("detector") == "rpn-only" else "map",
             mode="max",
             save_top_k=1,
             save_last=True,
