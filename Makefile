@@ -26,10 +26,12 @@ demo: $(STAMP)
 		$(DEMO_RUNS)/baseline/checkpoints/best.ckpt $(DEMO_RUNS)/coordconv/checkpoints/best.ckpt
 
 # The paper reproduction (issue 9): 3 seeds x (baseline, CoordConv) on the uniform and quadrant
-# splits plus the with_r ablation; about 1.5 h on 2 CPU cores. Writes results/paper_repro.{json,md};
-# rerun to continue after an interruption.
+# splits plus the with_r ablation; about 1 h on 2 CPU cores. Writes results/paper_repro.{json,md}.
+# Then the released protocol and its ladder R0-R5 (issue 15): results/paper_protocol.{json,md},
+# several hours on 2 CPU cores. Rerun to continue either after an interruption.
 paper: $(STAMP)
 	$(BIN)/python experiments/paper_repro.py
+	$(BIN)/python experiments/paper_protocol.py
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -259,10 +259,17 @@ def _change(stats: dict[str, Any]) -> str:
     return f"{format_percent(stats['mean'])} [{format_percent(low)}, {format_percent(high)}]"
 
 
+def _value(record: dict[str, Any], key: str) -> float | None:
+    if key == "train_loss_final":
+        losses = record["train_loss_per_epoch"]
+        return losses[-1] if losses else None
+    return record.get(key)
+
+
 def rung_summary(records: list[dict[str, Any]], key: str) -> dict[str, Any]:
     """Per arm ``aggregate`` of ``key`` and the per-seed paired relative change (seeds that
     have both arms)."""
-    by = {(r["arm"], r["seed"]): r.get(key) for r in records}
+    by = {(r["arm"], r["seed"]): _value(r, key) for r in records}
     arms = {arm: aggregate([v for (a, _), v in by.items() if a == arm]) for arm in ARMS}
     seeds = sorted(
         {s for (a, s) in by if a == "baseline"} & {s for (a, s) in by if a == "coordconv"}
@@ -326,22 +333,33 @@ def render_markdown(results: dict[str, Any]) -> str:
         "",
         summary_table(results),
         "",
-        "## Final, best and mean-over-epochs validation rpn_iou",
+        "## Final, best and mean-over-epochs validation rpn_iou; training loss",
         "",
         "The released protocol may train unstably, so the validation curve is summarised three "
-        "ways; the summary above uses the final checkpoint on the test split.",
+        "ways (the last epoch, the best epoch, the mean over epochs), with the mean training "
+        "loss of the last epoch; the summary above uses the final checkpoint on the test split.",
         "",
         "| rung | value | baseline | CoordConv | change per seed |",
         "|---|---|---|---|---|",
     ]
     for rung in RUNGS:
         records = [r for r in results["runs"] if r["rung"] == rung]
-        for key in ("val_rpn_iou_final", "val_rpn_iou_best", "val_rpn_iou_mean"):
+        for key in (
+            "val_rpn_iou_final",
+            "val_rpn_iou_best",
+            "val_rpn_iou_mean",
+            "train_loss_final",
+        ):
             if not records:
                 continue
             summary = rung_summary(records, key)
+            name = (
+                "training loss, last epoch"
+                if key == "train_loss_final"
+                else key.removeprefix("val_rpn_iou_")
+            )
             lines.append(
-                f"| {rung} | {key.removeprefix('val_rpn_iou_')} | "
+                f"| {rung} | {name} | "
                 f"{_mean_ci(summary['arms']['baseline'])} | "
                 f"{_mean_ci(summary['arms']['coordconv'])} | {_change(summary['change'])} |"
             )
