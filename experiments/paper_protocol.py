@@ -44,7 +44,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
 
-from study import Log, check_call, duration, git_commit, python_env  # noqa: E402
+from study import (  # noqa: E402
+    Log,
+    check_call,
+    duration,
+    ensure_dataset,
+    git_commit,
+    mean_ci,
+    python_env,
+    run_main,
+    train_command,
+)
 
 from coorddet.fileio import write_json_atomic, write_text_atomic  # noqa: E402
 from coorddet.report import aggregate, format_number, format_percent, relative_change  # noqa: E402
@@ -149,24 +159,11 @@ def make_dataset(boxes: str, args: argparse.Namespace, log: Log) -> Path:
     Both kinds come from the same seed, so they hold the same digits at the same places; only
     the boxes differ (and a digit that keeps under 25% of its ink is erased for ``visible``).
     """
-    out = Path(args.data_root) / boxes
     wanted = {"boxes": boxes, "train": args.train, "val": args.val, "test": args.test}
-    info = out / "dataset.json"
-    if info.is_file():
-        params = json.loads(info.read_text()).get("parameters", {})
-        found = {key: params.get(key) for key in wanted}
-        if found != wanted:
-            raise RuntimeError(
-                f"{out} holds another dataset ({found}); move it or change --data-root"
-            )
-        return out
-    cmd = [sys.executable, "-m", "data_gen", "--out", str(out), "--boxes", boxes,
-           "--train", str(args.train), "--val", str(args.val), "--test", str(args.test),
-           "--seed", "0", "--quiet"]  # fmt: skip
-    started = time.monotonic()
-    check_call(cmd, Path(args.runs) / f"data_{boxes}.log", python_env(2))
-    log(f"dataset {out}: generated in {time.monotonic() - started:.1f} s")
-    return out
+    flags = ["--boxes", boxes, "--train", str(args.train), "--val", str(args.val),
+             "--test", str(args.test), "--seed", "0"]  # fmt: skip
+    return ensure_dataset(Path(args.data_root) / boxes, flags, wanted,
+                          Path(args.runs) / f"data_{boxes}.log", log)  # fmt: skip
 
 
 def rung_config(rung: str, data: Path, args: argparse.Namespace) -> Path:
@@ -199,13 +196,9 @@ def run_one(run: Run, config: Path, data: Path, args: argparse.Namespace, log: L
     out = Path(args.runs) / run.rung / f"{run.arm}-s{run.seed}"
     ckpt = out / "checkpoints" / "last.ckpt"
     if not (out / "metrics.json").is_file():
-        cmd = [sys.executable, "train.py", "--config", str(config), "--out", str(out),
-               "--name", run.arm, "--seed", str(run.seed), "--accelerator", "cpu",
-               "--devices", "1", "--quiet", *ARMS[run.arm]]  # fmt: skip
-        if ckpt.is_file():
-            cmd += ["--resume", "last"]
-        elif out.exists():
-            cmd += ["--overwrite"]  # a run that died before its first checkpoint
+        cmd = train_command(out, ["--config", str(config), "--name", run.arm, "--seed",
+                                  str(run.seed), "--accelerator", "cpu", "--devices", "1",
+                                  *ARMS[run.arm]])  # fmt: skip
         log(f"{run.key}: training")
         check_call(cmd, out.with_name(out.name + ".log"), python_env(args.threads))
     trained = json.loads((out / "metrics.json").read_text())
@@ -243,11 +236,7 @@ def run_one(run: Run, config: Path, data: Path, args: argparse.Namespace, log: L
 
 
 def _mean_ci(stats: dict[str, Any]) -> str:
-    if stats["mean"] is None:
-        return "-"
-    if stats["ci95"] is None:
-        return f"{stats['mean']:.4f}"
-    return f"{stats['mean']:.4f} [{stats['ci95'][0]:.4f}, {stats['ci95'][1]:.4f}]"
+    return mean_ci(stats, 4)
 
 
 def _change(stats: dict[str, Any]) -> str:
@@ -469,11 +458,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except RuntimeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted: rerun the same command to continue", file=sys.stderr)
-        sys.exit(130)
+    run_main(main)

@@ -51,7 +51,7 @@ from coorddet.report import (  # noqa: E402
 from coorddet.system import describe_machine  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "experiments"))
-from study import Log, git_commit, python_env  # noqa: E402
+from study import Log, ensure_dataset, git_commit, mean_ci, python_env, run_main, train_command  # noqa: E402
 from study import check_call as _check  # noqa: E402
 from study import duration as _duration  # noqa: E402
 
@@ -144,25 +144,11 @@ def _names(parser: argparse.ArgumentParser, flag: str, text: str, known: dict) -
 
 
 def make_dataset(split: str, args: argparse.Namespace, log: Log) -> Path:
-    out = Path(args.data_root) / split
     wanted = {"split_mode": split, "train": args.train, "val": args.val, "test": args.test}
-    info = out / "dataset.json"
-    if info.is_file():
-        params = json.loads(info.read_text()).get("parameters", {})
-        found = {key: params.get(key) for key in wanted}
-        if found != wanted:
-            raise SystemExit(
-                f"error: {out} holds another dataset ({found}); move it or change --data-root"
-            )
-        log(f"dataset {out}: reusing ({args.train}/{args.val}/{args.test}, {split})")
-        return out
-    cmd = [sys.executable, "-m", "data_gen", "--out", str(out), "--split-mode", split,
-           "--train", str(args.train), "--val", str(args.val), "--test", str(args.test),
-           "--seed", "0", "--quiet"]  # fmt: skip
-    started = time.monotonic()
-    _check(cmd, Path(args.runs) / f"data_{split}.log", python_env(2))
-    log(f"dataset {out}: generated in {time.monotonic() - started:.1f} s")
-    return out
+    flags = ["--split-mode", split, "--train", str(args.train), "--val", str(args.val),
+             "--test", str(args.test), "--seed", "0"]  # fmt: skip
+    return ensure_dataset(Path(args.data_root) / split, flags, wanted,
+                          Path(args.runs) / f"data_{split}.log", log)  # fmt: skip
 
 
 def train(run: Run, data: Path, args: argparse.Namespace, log: Log) -> dict[str, Any]:
@@ -172,14 +158,9 @@ def train(run: Run, data: Path, args: argparse.Namespace, log: Log) -> dict[str,
     if metrics.is_file():
         log(f"{run.key}: done earlier, kept")
         return json.loads(metrics.read_text())
-    cmd = [sys.executable, "train.py", "--config", args.config, "--data", str(data),
-           "--out", str(out), "--name", run.arm, "--seed", str(run.seed),
-           "--max-epochs", str(args.epochs), "--accelerator", "cpu", "--devices", "1",
-           "--quiet", *ARMS[run.arm]]  # fmt: skip
-    if (out / "checkpoints" / "last.ckpt").is_file():
-        cmd += ["--resume", "last"]
-    elif out.exists():
-        cmd += ["--overwrite"]  # a run that died before its first checkpoint
+    cmd = train_command(out, ["--config", args.config, "--data", str(data), "--name", run.arm,
+                              "--seed", str(run.seed), "--max-epochs", str(args.epochs),
+                              "--accelerator", "cpu", "--devices", "1", *ARMS[run.arm]])  # fmt: skip
     log(f"{run.key}: training")
     started = time.monotonic()
     _check(cmd, out.with_name(out.name + ".log"), python_env(args.threads))
@@ -289,11 +270,7 @@ def summary_table(results: dict[str, Any]) -> str:
 
 
 def _mean_ci(stats: dict[str, Any]) -> str:
-    if stats["mean"] is None:
-        return "-"
-    if stats["ci95"] is None:
-        return f"{stats['mean']:.3f}"
-    return f"{stats['mean']:.3f} [{stats['ci95'][0]:.3f}, {stats['ci95'][1]:.3f}]"
+    return mean_ci(stats, 3)
 
 
 def render_markdown(results: dict[str, Any]) -> str:
@@ -405,11 +382,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except RuntimeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted: rerun the same command to continue", file=sys.stderr)
-        sys.exit(130)
+    run_main(main)

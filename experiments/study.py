@@ -1,16 +1,20 @@
 """What the study scripts of ``experiments/`` share: timestamped logs, child commands whose
-output goes to a log file, one-thread job environments and the code version of a result.
+output goes to a log file, one-thread job environments, datasets made once, training runs
+that continue where they stopped, the code version of a result and its formatting.
 
 Not part of the ``coorddet`` library (which never imports ``experiments/``).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
+import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,3 +68,55 @@ def git_commit() -> str | None:
     except (OSError, subprocess.CalledProcessError):
         return None
     return head + ("-dirty" if status.strip() else "")
+
+
+def ensure_dataset(out: Path, flags: list[str], wanted: dict, log_file: Path, log: Log) -> Path:
+    """``out``: the ``data_gen`` dataset with the ``wanted`` parameters, generated with
+    ``python -m data_gen --out OUT *flags`` unless it is there already; another dataset in
+    its place is an error."""
+    info = out / "dataset.json"
+    if info.is_file():
+        params = json.loads(info.read_text()).get("parameters", {})
+        found = {key: params.get(key) for key in wanted}
+        if found != wanted:
+            raise RuntimeError(
+                f"{out} holds another dataset ({found}); move it or change --data-root"
+            )
+        log(f"dataset {out}: reusing")
+        return out
+    started = time.monotonic()
+    check_call([sys.executable, "-m", "data_gen", "--out", str(out), *flags, "--quiet"], log_file,
+               python_env(2))  # fmt: skip
+    log(f"dataset {out}: generated in {time.monotonic() - started:.1f} s")
+    return out
+
+
+def train_command(out: Path, flags: list[str]) -> list[str]:
+    """``python train.py --out OUT *flags --quiet``, continuing ``out`` if it was interrupted:
+    ``--resume last`` after its first checkpoint, ``--overwrite`` before it."""
+    cmd = [sys.executable, "train.py", "--out", str(out), *flags, "--quiet"]
+    if (out / "checkpoints" / "last.ckpt").is_file():
+        return cmd + ["--resume", "last"]
+    return cmd + ["--overwrite"] if out.exists() else cmd
+
+
+def mean_ci(stats: dict, digits: int) -> str:
+    """An ``aggregate``'s mean and 95% CI: ``0.123 [0.120, 0.126]``, or ``-``."""
+    if stats["mean"] is None:
+        return "-"
+    if stats["ci95"] is None:
+        return f"{stats['mean']:.{digits}f}"
+    low, high = stats["ci95"]
+    return f"{stats['mean']:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def run_main(main: Callable[[], int]) -> None:
+    """Exit with ``main()``'s code; a failed step is one line and exit 1, Ctrl-C exit 130."""
+    try:
+        sys.exit(main())
+    except RuntimeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to continue", file=sys.stderr)
+        sys.exit(130)

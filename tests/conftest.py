@@ -18,6 +18,17 @@ from data_gen import GeneratorConfig, generate
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def load_script(path: Path):
+    """Import a script of ``experiments/`` as a module (its file name is the module name)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(path.stem, module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_cli(*args: str, cwd: Path = ROOT, timeout: float = 300, env: dict | None = None):
     """Run ``python *args`` (a project command line) and return the CompletedProcess."""
     return subprocess.run(

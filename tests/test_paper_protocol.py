@@ -3,24 +3,14 @@ committed results matching their Markdown."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, run_cli
+from conftest import ROOT, load_script, run_cli
 
 SCRIPT = ROOT / "experiments" / "paper_protocol.py"
 RECORD_KEYS = {"rung", "arm", "seed", "rpn_iou", "val_rpn_iou_per_epoch", "train_loss_per_epoch"}
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("paper_protocol", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("paper_protocol", module)  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +29,7 @@ def quick_ladder(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_quick_ladder_writes_one_record_per_run(quick_ladder):
-    script = load_script()
+    script = load_script(SCRIPT)
     results = json.loads((quick_ladder / "results" / "paper_protocol.json").read_text())
     runs = results["runs"]
     assert sorted((r["rung"], r["arm"], r["seed"]) for r in runs) == [
@@ -75,7 +65,7 @@ def test_bad_arguments_exit_2():
 
 @pytest.mark.skipif(not (ROOT / "results" / "paper_protocol.json").is_file(), reason="no results")
 def test_committed_results_match_their_markdown():
-    script = load_script()
+    script = load_script(SCRIPT)
     results = json.loads((ROOT / "results" / "paper_protocol.json").read_text())
     assert not results["quick"]
     assert (ROOT / "results" / "paper_protocol.md").read_text() == script.render_markdown(results)

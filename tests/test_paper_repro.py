@@ -3,23 +3,13 @@ committed results matching the README."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, run_cli
+from conftest import ROOT, load_script, run_cli
 
 SCRIPT = ROOT / "experiments" / "paper_repro.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("paper_repro", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("paper_repro", module)  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +27,7 @@ def quick_study(tmp_path_factory) -> Path:
 
 
 def test_quick_study_writes_results_for_both_arms(quick_study):
-    script = load_script()
+    script = load_script(SCRIPT)
     results = json.loads((quick_study / "results" / "paper_repro.json").read_text())
     assert results["quick"] is True and results["setup"]["seeds"] == [0]
     study = results["studies"]["uniform"]
@@ -67,7 +57,7 @@ def test_bad_arguments_exit_2():
 
 @pytest.mark.skipif(not (ROOT / "results" / "paper_repro.json").is_file(), reason="no results")
 def test_committed_results_match_their_markdown_and_the_readme():
-    script = load_script()
+    script = load_script(SCRIPT)
     results = json.loads((ROOT / "results" / "paper_repro.json").read_text())
     assert not results["quick"]
     assert (ROOT / "results" / "paper_repro.md").read_text() == script.render_markdown(results)
