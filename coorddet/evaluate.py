@@ -2,7 +2,8 @@
 
     python -m coorddet.evaluate --data DIR --split test CKPT [CKPT ...] --out REPORT_DIR
 
-writes into ``REPORT_DIR`` (built in a hidden sibling folder and moved into place whole):
+writes into ``REPORT_DIR`` (built in a hidden sibling folder and moved into place whole; one
+process at a time, see :func:`coorddet.locking.hold_folder`):
 
 - ``metrics.json``: ``{run_name: {metric: value}}`` (``null`` where undefined);
 - ``predictions_<run_name>.json``: detections in the COCO results format;
@@ -31,6 +32,7 @@ from typing import Any
 from coorddet.cli import ArgumentParser, run
 from coorddet.config import EvalConfig
 from coorddet.errors import UserError
+from coorddet.locking import hold_folder
 
 PLOT_SAMPLES = 6  # canvases drawn in detections.png
 PLOTS = ("detections.png", "iou_distribution.png")
@@ -345,7 +347,8 @@ def _no_detections(image_id: int) -> Any:
 
 def main_unsafe(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    out, summary = evaluate(args)
+    with hold_folder(args.out):
+        out, summary = evaluate(args)
 
     from coorddet.report import group_table, metrics_table
 

@@ -20,7 +20,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from coorddet.errors import UserError
+from coorddet.fileio import named
 from coorddet.metrics import METRIC_KEYS
 
 Metrics = Mapping[str, float | None]
@@ -202,7 +202,13 @@ def staged_dir(out: Path) -> Iterator[Path]:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as error:  # name the report's file, not the staged one (or the report)
+            where = str(error.filename or tmp)
+            if where.startswith(str(tmp)):
+                where = str(out) + where[len(str(tmp)) :]
+            raise named(error, where) from None
         old = out.parent / f".{out.name}.old-{os.getpid()}" if out.exists() else None
         if old is not None:
             out.rename(old)
@@ -211,7 +217,7 @@ def staged_dir(out: Path) -> Iterator[Path]:
         except OSError as error:
             if old is not None:
                 old.rename(out)
-            raise UserError(f"cannot move the report into {out}: {error.strerror}") from None
+            raise named(error, out) from None
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:

@@ -1,15 +1,17 @@
 """Lightning pieces that write a run directory so that a killed run can always be resumed.
 
-- :class:`AtomicCheckpointIO`: a checkpoint is written next to its target and renamed over
-  it, so ``last.ckpt`` / ``best.ckpt`` are always either the old or the new complete file,
-  whatever moment a SIGKILL lands.
+- :class:`AtomicCheckpointIO`: a checkpoint is written once, next to its target, and renamed
+  over it, so ``last.ckpt`` / ``best.ckpt`` are always either the old or the new complete file,
+  whatever moment a SIGKILL or a full disk strikes (no copy through the system temp folder).
 - :class:`AppendingCSVLogger`: Lightning's ``CSVLogger`` deletes an existing ``metrics.csv``
   when it starts; on resume this one appends to it instead (``train.py`` first trims the rows
-  of the epoch that was interrupted, see :func:`coorddet.cli.rundir.trim_csv_log`).
+  of the epoch that was interrupted, see :func:`coorddet.cli.rundir.trim_csv_log`). A new
+  column rewrites the file atomically, and a failed write names the file.
 - :class:`RunCheckpoint`: ``ModelCheckpoint`` that still knows its best score after the run
   directory was moved or copied (Lightning would forget it and overwrite ``best.ckpt``).
 - :class:`ProgressBar`: Rich progress bar without Lightning's ``v_num`` entry.
 - :func:`build_trainer`: the ``Trainer`` with all of the above, checkpoints and loggers.
+- :func:`dead_worker`, :func:`stop_workers`: the DDP processes that process 0 started.
 
 Imported only once ``lightning`` is needed: the command line's fast checks stay fast.
 """
@@ -20,11 +22,14 @@ import csv
 import dataclasses
 import logging
 import os
+import signal
+import subprocess
 import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
@@ -35,19 +40,29 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 from coorddet.config import TrainConfig
 from coorddet.datamodule import AugmentationEpochs
 from coorddet.errors import UserError
+from coorddet.fileio import named, write_atomic, write_csv_atomic
 from coorddet.module import RandomStateCallback
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``torch.save`` to ``.NAME.tmp`` in the same folder, then ``os.replace`` onto ``NAME``."""
+    """``torch.save`` to ``.NAME.tmp`` in the same folder, then ``os.replace`` onto ``NAME``.
+
+    Lightning's own save writes into the system temp folder first and then copies: two places
+    that each need room for the whole checkpoint. A failure removes the temp file and raises
+    an ``OSError`` naming ``NAME`` (:func:`coorddet.fileio.write_atomic`).
+    """
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None
     ) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} does not take storage_options")
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        super().save_checkpoint(checkpoint, tmp, storage_options)
-        os.replace(tmp, path)
+        try:
+            path.parent.mkdir(exist_ok=True)  # not parents: a removed run directory stays gone
+        except OSError as error:
+            raise named(error, path) from None
+        write_atomic(path, lambda file: torch.save(checkpoint, file))
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -94,6 +109,26 @@ class _AppendingWriter(ExperimentWriter):
         if os.path.isfile(self.metrics_file_path):
             with open(self.metrics_file_path, newline="") as file:
                 self.metrics_keys = next(csv.reader(file), [])
+
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        # Lightning truncates and rewrites in place: a full disk would lose the logged rows.
+        with open(self.metrics_file_path, newline="") as file:
+            rows = list(csv.DictReader(file))
+        write_csv_atomic(Path(self.metrics_file_path), fieldnames, rows)
+
+    def save(self) -> None:
+        try:
+            super().save()
+        except OSError as error:
+            raise named(error, error.filename or self.metrics_file_path) from None
+
+    def log_hparams(self, params: dict[str, Any]) -> None:
+        try:
+            super().log_hparams(params)
+        except OSError as error:
+            raise named(
+                error, error.filename or os.path.join(self.log_dir, "hparams.yaml")
+            ) from None
 
 
 class AppendingCSVLogger(CSVLogger):
@@ -162,6 +197,35 @@ def build_trainer(config: TrainConfig, *, quiet: bool) -> L.Trainer:
             "trainer settings (--accelerator, --devices, --strategy, --num-nodes, --precision): "
             f"{error}"
         ) from None
+
+
+def _workers(trainer: L.Trainer) -> list[subprocess.Popen]:
+    """The DDP processes Lightning's launcher started from this one (local ranks 1, 2, ...)."""
+    return list(getattr(trainer.strategy.launcher, "procs", None) or [])
+
+
+def dead_worker(trainer: L.Trainer, wait: float = 0.5) -> str | None:
+    """``rank N (pid P, killed by SIGKILL)`` for a DDP worker that has died, else None."""
+    for local_rank, proc in enumerate(_workers(trainer), start=1):
+        try:
+            code = proc.wait(timeout=wait)  # its death and process 0's error come close together
+        except subprocess.TimeoutExpired:
+            continue
+        if code != 0:
+            how = f"exit code {code}"
+            if -code in signal.valid_signals():
+                how = f"killed by {signal.Signals(-code).name}"
+            rank = trainer.node_rank * trainer.num_devices + local_rank
+            return f"rank {rank} (pid {proc.pid}, {how})"
+    return None
+
+
+def stop_workers(trainer: L.Trainer) -> None:
+    """SIGKILL the DDP workers still running (they hold no files: process 0 writes them all)."""
+    for proc in _workers(trainer):
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 class _DropTips(logging.Filter):
