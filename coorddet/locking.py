@@ -8,8 +8,9 @@ over without asking; the holder's pid and command in the file only make the refu
 The holder removes the file on release; a process that locked a removed file sees that its
 inode is no longer the path's and locks the new file instead.
 
-``data_gen/locking.py`` is a copy of this file (``data_gen`` and ``coorddet`` never import each
-other); ``tests/test_locking.py`` keeps the two identical but for the ``UserError`` import.
+``coorddet/locking.py`` and ``data_gen/locking.py`` are one file but for the ``UserError``
+import (``data_gen`` and ``coorddet`` never import each other); ``tests/test_locking.py`` keeps
+them so.
 """
 
 from __future__ import annotations
