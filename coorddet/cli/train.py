@@ -280,7 +280,7 @@ def _train(
         if dead is None:
             raise  # e.g. an OSError: one line from coorddet.cli.run
         print(
-            f"error: DDP worker {dead} died; resume with: {resume_command(argv)}", file=sys.stderr
+            f"error: DDP worker {dead}; resume with: {resume_command(argv)}", file=sys.stderr
         )
         return FAULT_EXIT
     seconds = time.perf_counter() - started

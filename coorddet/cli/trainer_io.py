@@ -205,7 +205,7 @@ def _workers(trainer: L.Trainer) -> list[subprocess.Popen]:
 
 
 def dead_worker(trainer: L.Trainer, wait: float = 0.5) -> str | None:
-    """``rank N (pid P, killed by SIGKILL)`` for a DDP worker that has died, else None."""
+    """``rank N died (pid P, killed by SIGKILL)`` for a DDP worker that has died, else None."""
     for local_rank, proc in enumerate(_workers(trainer), start=1):
         try:
             code = proc.wait(timeout=wait)  # its death and process 0's error come close together
@@ -216,7 +216,7 @@ def dead_worker(trainer: L.Trainer, wait: float = 0.5) -> str | None:
             if -code in signal.valid_signals():
                 how = f"killed by {signal.Signals(-code).name}"
             rank = trainer.node_rank * trainer.num_devices + local_rank
-            return f"rank {rank} (pid {proc.pid}, {how})"
+            return f"rank {rank} died (pid {proc.pid}, {how})"
     return None
 
 
