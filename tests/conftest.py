@@ -40,6 +40,16 @@ def assert_user_error(result: subprocess.CompletedProcess, *needles: str) -> Non
         assert needle in lines[0], (needle, lines[0])
 
 
+def assert_fault(result: subprocess.CompletedProcess, *needles: str) -> None:
+    """Exit code 1 (a fault, not a usage error), one line on stderr naming each needle."""
+    assert result.returncode == 1, (result.returncode, result.stderr[-2000:])
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """40 canvases of the default 64 px, 5-digit setup: 24 train, 8 val, 8 test."""
