@@ -31,7 +31,9 @@ pytestmark = pytest.mark.robustness
 
 SMOKE = ("train.py", "--config", "configs/smoke.yaml")
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
-HOLD = "import sys, time\nfrom {module}.locking import hold_folder\nwith hold_folder(sys.argv[1]):\n"
+HOLD = (
+    "import sys, time\nfrom {module}.locking import hold_folder\nwith hold_folder(sys.argv[1]):\n"
+)
 
 
 def leftovers(folder: Path) -> list[Path]:
@@ -92,7 +94,7 @@ def test_a_second_training_into_a_running_ones_folder_is_refused(tiny_dataset, t
         flags = {"same": [], "overwrite": ["--overwrite"], "resume": ["--resume", "last"]}
         try:
             with ThreadPoolExecutor(max_workers=2) as pool:
-                seconds = dict(zip(flags, pool.map(lambda f: run_cli(*args, *f), flags.values())))
+                refused = list(pool.map(lambda f: run_cli(*args, *f), flags.values()))
         finally:
             os.kill(first.pid, signal.SIGCONT)
         _, stderr = first.communicate(timeout=300)
@@ -100,7 +102,7 @@ def test_a_second_training_into_a_running_ones_folder_is_refused(tiny_dataset, t
         if first.poll() is None:
             first.kill()
             first.wait()
-    for result in seconds.values():
+    for result in refused:
         assert_user_error(result, str(out), f"in use by process {first.pid} (train.py ", "--out")
     assert first.returncode == 0, stderr[-3000:]
     assert validation_epochs(out) == [0, 1]  # one run's rows, none interleaved

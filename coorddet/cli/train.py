@@ -279,9 +279,7 @@ def _train(
         stop_workers(trainer)  # the others would wait for process 0 or print tracebacks
         if dead is None:
             raise  # e.g. an OSError: one line from coorddet.cli.run
-        print(
-            f"error: DDP worker {dead}; resume with: {resume_command(argv)}", file=sys.stderr
-        )
+        print(f"error: DDP worker {dead}; resume with: {resume_command(argv)}", file=sys.stderr)
         return FAULT_EXIT
     seconds = time.perf_counter() - started
     if not trainer.is_global_zero:
