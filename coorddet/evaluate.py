@@ -32,6 +32,7 @@ from typing import Any
 from coorddet.cli import ArgumentParser, run
 from coorddet.config import EvalConfig
 from coorddet.errors import UserError
+from coorddet.fileio import write_text_atomic
 from coorddet.locking import hold_folder
 
 PLOT_SAMPLES = 6  # canvases drawn in detections.png
@@ -329,7 +330,7 @@ def evaluate(args: Any) -> tuple[Path, dict[str, Any]]:
             group_baseline=group_baseline,
             plots=PLOTS,
         )
-        (tmp / "report.md").write_text(report)
+        write_text_atomic(tmp / "report.md", report)
     summary = {"metrics": metrics, "baseline": baseline, "compared": compared}
     return out, {**summary, "groups": aggregated, "group_baseline": group_baseline}
 

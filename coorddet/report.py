@@ -20,7 +20,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from coorddet.fileio import named
+from coorddet.fileio import named, write_text_atomic
 from coorddet.metrics import METRIC_KEYS
 
 Metrics = Mapping[str, float | None]
@@ -185,7 +185,7 @@ def render_report(
 
 def write_json(path: Path, data: Any) -> None:
     """``data`` as indented JSON; NaN is not allowed (write ``None`` for undefined values)."""
-    path.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
+    write_text_atomic(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
 
 
 @contextlib.contextmanager

@@ -203,6 +203,28 @@ def test_a_failed_checkpoint_save_is_one_line_and_keeps_the_checkpoints(
             unmount(where)
 
 
+def _tiny_file_size_limit() -> None:  # PNGs and JSON files past 1 KB fail with EFBIG
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 10, resource.RLIM_INFINITY))
+
+
+@pytest.mark.parametrize("tool", ["evaluate", "data_gen"])
+def test_a_failed_write_of_the_other_tools_is_one_line_and_leaves_nothing(
+    tool, tiny_dataset, smoke_runs, tmp_path
+):
+    out = tmp_path / "out"
+    command = {
+        "evaluate": ["-m", "coorddet.evaluate", "--data", str(tiny_dataset), "--out", str(out),
+                     "--quiet", str(smoke_runs["baseline"] / "checkpoints" / "last.ckpt")],
+        "data_gen": ["-m", "data_gen", "--out", str(out), "--train", "4", "--val", "2",
+                     "--test", "2", "--workers", "1", "--quiet"],
+    }[tool]  # fmt: skip
+    result = subprocess.run([sys.executable, *command], cwd=ROOT, env=ENV, capture_output=True,
+                            text=True, preexec_fn=_tiny_file_size_limit, timeout=300)  # fmt: skip
+    prefix = "data_gen: error" if tool == "data_gen" else "error"
+    assert_fault(result, f"{prefix}: cannot write {out}/", ": File too large")
+    assert list(tmp_path.iterdir()) == []  # no report or dataset, no staging folder, no lock
+
+
 def make_read_only(folder: Path) -> bool:
     """Root ignores permission bits: a read-only bind mount then, else ``chmod``."""
     if os.geteuid() != 0:
