@@ -42,14 +42,33 @@ def hold_folder(folder: str | os.PathLike, *, flag: str = "--out") -> Iterator[P
     path = lock_path(folder)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = _acquire(path, folder, flag)
+    owner = os.getpid()
+    _held.add(fd)
     try:
         os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()} {shlex.join(sys.argv) or sys.executable}\n".encode())
+        os.write(fd, f"{owner} {shlex.join(sys.argv) or sys.executable}\n".encode())
         yield path
     finally:
+        if os.getpid() == owner:  # never from a forked child unwinding this frame
+            _held.discard(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(path)  # while still locked: nobody else can be holding this inode
+            os.close(fd)
+
+
+# A forked child (DataLoader or pool worker) shares the lock while it has the descriptor: it
+# would keep the folder locked for seconds after its parent was SIGKILLed. Children drop it.
+_held: set[int] = set()
+
+
+def _close_in_child() -> None:
+    for fd in _held:
         with contextlib.suppress(OSError):
-            os.unlink(path)  # while still locked: nobody else can be holding this inode
-        os.close(fd)
+            os.close(fd)
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_close_in_child)
 
 
 def _acquire(path: Path, folder: str | os.PathLike, flag: str) -> int:

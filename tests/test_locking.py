@@ -103,3 +103,37 @@ def test_released_and_reentered(name: str, tmp_path: Path) -> None:
     with module.hold_folder(folder):  # one folder under two names: one lock
         with pytest.raises(user_error), module.hold_folder(link / "b"):
             pass
+
+
+FORK_THEN_DIE = (
+    "import os, signal, sys, time\n"
+    "from {module}.locking import hold_folder\n"
+    "with hold_folder(sys.argv[1]):\n"
+    "    child = os.fork()\n"
+    "    if child == 0:\n"
+    "        time.sleep(60)\n"
+    "        os._exit(0)\n"
+    "    print(child, flush=True)\n"
+    "    os.kill(os.getpid(), signal.SIGKILL)\n"
+)
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_a_forked_child_does_not_keep_a_killed_parents_lock(name: str, tmp_path: Path) -> None:
+    """Like a DataLoader worker outliving its SIGKILLed parent for a moment."""
+    module, _ = MODULES[name]
+    folder = tmp_path / "out"
+    parent = subprocess.Popen(
+        [sys.executable, "-c", FORK_THEN_DIE.format(module=name), str(folder)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    child = int(parent.stdout.readline())
+    parent.wait()
+    try:
+        os.kill(child, 0)  # still alive
+        with module.hold_folder(folder):
+            pass
+    finally:
+        os.kill(child, signal.SIGKILL)

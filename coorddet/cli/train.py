@@ -225,7 +225,8 @@ def _train(
     import lightning as L
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from coorddet.cli.trainer_io import build_trainer, dead_worker, quiet_lightning, stop_workers
+    from coorddet.cli.trainer_io import build_trainer, quiet_lightning
+    from coorddet.cli.workers import report_dead_worker, stop_workers
 
     quiet_lightning(args.quiet)  # after the import: lightning sets its loggers' levels on import
 
@@ -248,7 +249,7 @@ def _train(
     datamodule = _open_data(config)
     L.seed_everything(config.seed, workers=True, verbose=not args.quiet)
     module = _build_module(config, resume)
-    trainer = build_trainer(config, quiet=args.quiet)
+    trainer = build_trainer(config, quiet=args.quiet, resume_command=resume_command(argv))
     if rank_zero:  # DDP's other processes start inside fit(), after this
         if args.overwrite and out.exists():
             shutil.rmtree(out)
@@ -275,11 +276,10 @@ def _train(
         if not rank_zero:
             raise
         # A killed worker reaches process 0 as gloo's or NCCL's error in the next collective.
-        dead = dead_worker(trainer)
+        died = report_dead_worker(trainer)  # one line, unless the watch has printed it already
         stop_workers(trainer)  # the others would wait for process 0 or print tracebacks
-        if dead is None:
+        if not died:
             raise  # e.g. an OSError: one line from coorddet.cli.run
-        print(f"error: DDP worker {dead}; resume with: {resume_command(argv)}", file=sys.stderr)
         return FAULT_EXIT
     seconds = time.perf_counter() - started
     if not trainer.is_global_zero:

@@ -10,8 +10,8 @@
 - :class:`RunCheckpoint`: ``ModelCheckpoint`` that still knows its best score after the run
   directory was moved or copied (Lightning would forget it and overwrite ``best.ckpt``).
 - :class:`ProgressBar`: Rich progress bar without Lightning's ``v_num`` entry.
+- :class:`coorddet.cli.workers.WorkerWatch`: one line when a DDP worker dies.
 - :func:`build_trainer`: the ``Trainer`` with all of the above, checkpoints and loggers.
-- :func:`dead_worker`, :func:`stop_workers`: the DDP processes that process 0 started.
 
 Imported only once ``lightning`` is needed: the command line's fast checks stay fast.
 """
@@ -22,8 +22,6 @@ import csv
 import dataclasses
 import logging
 import os
-import signal
-import subprocess
 import warnings
 from pathlib import Path
 from typing import Any
@@ -37,6 +35,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
+from coorddet.cli.workers import WorkerWatch
 from coorddet.config import TrainConfig
 from coorddet.datamodule import AugmentationEpochs
 from coorddet.errors import UserError
@@ -152,8 +151,9 @@ class ProgressBar(RichProgressBar):
         return metrics
 
 
-def build_trainer(config: TrainConfig, *, quiet: bool) -> L.Trainer:
-    """The ``lightning.Trainer`` of ``config.trainer`` writing into ``config.out_dir``."""
+def build_trainer(config: TrainConfig, *, quiet: bool, resume_command: str) -> L.Trainer:
+    """The ``lightning.Trainer`` of ``config.trainer`` writing into ``config.out_dir``;
+    ``resume_command`` is shown when a DDP worker dies (:class:`WorkerWatch`)."""
     out = config.out_dir
     callbacks: list[Any] = [
         RunCheckpoint(
@@ -168,6 +168,7 @@ def build_trainer(config: TrainConfig, *, quiet: bool) -> L.Trainer:
         ),
         RandomStateCallback(),
         AugmentationEpochs(),
+        WorkerWatch(resume_command),
     ]
     if not quiet:
         callbacks.append(ProgressBar(leave=True))
@@ -197,35 +198,6 @@ def build_trainer(config: TrainConfig, *, quiet: bool) -> L.Trainer:
             "trainer settings (--accelerator, --devices, --strategy, --num-nodes, --precision): "
             f"{error}"
         ) from None
-
-
-def _workers(trainer: L.Trainer) -> list[subprocess.Popen]:
-    """The DDP processes Lightning's launcher started from this one (local ranks 1, 2, ...)."""
-    return list(getattr(trainer.strategy.launcher, "procs", None) or [])
-
-
-def dead_worker(trainer: L.Trainer, wait: float = 0.5) -> str | None:
-    """``rank N died (pid P, killed by SIGKILL)`` for a DDP worker that has died, else None."""
-    for local_rank, proc in enumerate(_workers(trainer), start=1):
-        try:
-            code = proc.wait(timeout=wait)  # its death and process 0's error come close together
-        except subprocess.TimeoutExpired:
-            continue
-        if code != 0:
-            how = f"exit code {code}"
-            if -code in signal.valid_signals():
-                how = f"killed by {signal.Signals(-code).name}"
-            rank = trainer.node_rank * trainer.num_devices + local_rank
-            return f"rank {rank} died (pid {proc.pid}, {how})"
-    return None
-
-
-def stop_workers(trainer: L.Trainer) -> None:
-    """SIGKILL the DDP workers still running (they hold no files: process 0 writes them all)."""
-    for proc in _workers(trainer):
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 class _DropTips(logging.Filter):
