@@ -317,9 +317,12 @@ def test_a_killed_ddp_worker_is_one_line_naming_the_rank_and_the_resume(tiny_dat
         if process.poll() is None:
             process.kill()
             process.wait()
-    result = subprocess.CompletedProcess(args, process.returncode, "", stderr)
+    # 1, or SIGKILL when Lightning's own watcher ends process 0 first (within 5 s of the death)
+    assert process.returncode in (1, -signal.SIGKILL), (process.returncode, stderr[-3000:])
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
     resume = "resume with: python train.py " + " ".join(args[1:]) + " --resume last"
-    assert_fault(result, f"DDP worker rank 1 died (pid {worker}, killed by SIGKILL)", resume)
+    assert lines[0] == f"error: DDP worker rank 1 died (pid {worker}, killed by SIGKILL); {resume}"
     assert seconds < 30
     assert not leftovers(out) and not lock_path(out).exists()
     assert read_resume_point(out / "checkpoints" / "last.ckpt").completed_epochs >= 1
