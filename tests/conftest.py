@@ -32,17 +32,16 @@ def run_cli(*args: str, cwd: Path = ROOT, timeout: float = 300, env: dict | None
 
 def assert_user_error(result: subprocess.CompletedProcess, *needles: str) -> None:
     """Exit code 2, one line on stderr naming each needle, and no traceback."""
-    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
+    assert_one_line(result, 2, needles)
 
 
 def assert_fault(result: subprocess.CompletedProcess, *needles: str) -> None:
     """Exit code 1 (a fault, not a usage error), one line on stderr naming each needle."""
-    assert result.returncode == 1, (result.returncode, result.stderr[-2000:])
+    assert_one_line(result, 1, needles)
+
+
+def assert_one_line(result: subprocess.CompletedProcess, code: int, needles: tuple) -> None:
+    assert result.returncode == code, (result.returncode, result.stderr[-2000:])
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
