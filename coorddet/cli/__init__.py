@@ -35,16 +35,24 @@ def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None 
     configure_memory()
     try:
         return main(argv)
-    except UserError as error:
-        message = " ".join(str(error).split())  # one line, whatever the message held
-        print(f"error: {message}", file=sys.stderr)
-        return USER_ERROR_EXIT
-    except OSError as error:
-        print(f"error: {describe_os_error(error)}", file=sys.stderr)
-        return FAULT_EXIT
+    except (UserError, OSError) as error:
+        line, code = one_line(error)
+        print(line, file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def one_line(error: BaseException) -> tuple[str, int]:
+    """The line :func:`run` prints for ``error`` and the exit code; ``("", 0)`` for errors that
+    keep their traceback (programming errors)."""
+    if isinstance(error, UserError):
+        message = " ".join(str(error).split())  # one line, whatever the message held
+        return f"error: {message}", USER_ERROR_EXIT
+    if isinstance(error, OSError):
+        return f"error: {describe_os_error(error)}", FAULT_EXIT
+    return "", 0
 
 
 def describe_os_error(error: OSError) -> str:

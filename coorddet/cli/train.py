@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from coorddet.cli import FAULT_EXIT, ArgumentParser, run
+from coorddet.cli import FAULT_EXIT, ArgumentParser, one_line, run
 from coorddet.cli.rundir import (
     ResumePoint,
     check_out_dir,
@@ -272,15 +272,20 @@ def _train(
                 f"terminated by SIGTERM; continue with: --out {out} --resume last", file=sys.stderr
             )
         return 143
-    except Exception:
+    except Exception as error:
         if not rank_zero:
             raise
         # A killed worker reaches process 0 as gloo's or NCCL's error in the next collective.
-        died = report_dead_worker(trainer)  # one line, unless the watch has printed it already
-        stop_workers(trainer)  # the others would wait for process 0 or print tracebacks
-        if not died:
-            raise  # e.g. an OSError: one line from coorddet.cli.run
-        return FAULT_EXIT
+        if report_dead_worker(trainer):  # its one line is printed
+            stop_workers(trainer)
+            return FAULT_EXIT
+        line, code = one_line(error)  # e.g. a failed write
+        if line:  # printed before the workers stop: Lightning then SIGKILLs this process
+            print(line, file=sys.stderr, flush=True)
+        stop_workers(trainer)  # they would wait for process 0 or print tracebacks of their own
+        if not line:
+            raise
+        return code
     seconds = time.perf_counter() - started
     if not trainer.is_global_zero:
         return 0

@@ -3,10 +3,9 @@
 A killed worker reaches process 0 as gloo's (or NCCL's) error in the next collective, a long
 traceback; and Lightning's own watcher SIGKILLs process 0 within 5 s of the death, so when no
 collective comes first, process 0 dies without a word. :class:`WorkerWatch` therefore looks
-every 0.2 s and prints one line, ``error: DDP worker rank N died (...); resume with: ...``, at
-once; ``train.py``'s error handler prints the same line (once between them) when the
-collective's error comes first. Checkpoints are written atomically, so either way they stay
-whole.
+every 0.2 s, and again first thing when Lightning handles an error, and prints one line,
+``error: DDP worker rank N died (...); resume with: ...``, once. Checkpoints are written
+atomically, so whichever way process 0 ends they stay whole.
 """
 
 from __future__ import annotations
@@ -53,43 +52,61 @@ def stop_workers(trainer: Any) -> None:
 
 
 class WorkerWatch(Callback):
-    """In process 0 of a DDP run: one line on stderr as soon as a worker has died."""
+    """In process 0 of a DDP run: one line on stderr as soon as a worker has died.
+
+    Workers that end because this process is stopping them (Ctrl-C, SIGTERM, an error here)
+    are not reported: by then the trainer is interrupted, has received SIGTERM, or
+    :meth:`finish` has been called.
+    """
 
     def __init__(self, resume_command: str) -> None:
         self.resume_command = resume_command
         self._lock = threading.Lock()
         self._reported = False
-        self._stop = threading.Event()
+        self._finished = threading.Event()
 
-    def report(self, trainer: Any, wait: float = 0.0) -> bool:
-        """Print the line (once) if a worker has died; True if one has."""
-        dead = dead_worker(trainer, wait)
-        if dead is None:
-            return False
+    def _print(self, dead: str) -> None:
+        self._reported = True
+        print(f"error: DDP worker {dead}; resume with: {self.resume_command}",
+              file=sys.stderr, flush=True)  # fmt: skip
+
+    def finish(self, trainer: Any, wait: float = 0.5) -> bool:
+        """Stop watching; print the line unless printed. True if a worker has died."""
         with self._lock:
-            if not self._reported:
-                self._reported = True
-                print(f"error: DDP worker {dead}; resume with: {self.resume_command}",
-                      file=sys.stderr, flush=True)  # fmt: skip
-        return True
+            if not self._finished.is_set():
+                self._finished.set()
+                dead = None if self._reported else dead_worker(trainer, wait)
+                if dead is not None:
+                    self._print(dead)
+            return self._reported
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if trainer.is_global_zero and _workers(trainer):  # started before any hook runs
-            self._stop.clear()
             threading.Thread(target=self._watch, args=(trainer,), daemon=True).start()
 
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        # Lightning's first step on an error, before its teardown: the line comes out early.
+        if trainer.is_global_zero and not isinstance(exception, KeyboardInterrupt | SystemExit):
+            self.finish(trainer)
+
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        self._stop.set()
+        self._finished.set()
 
     def _watch(self, trainer: Any) -> None:
-        while not self._stop.wait(WATCH_SECONDS):
-            if self.report(trainer):
-                stop_workers(trainer)  # the others would print tracebacks of their own
-                return
+        while not self._finished.wait(WATCH_SECONDS):
+            dead = dead_worker(trainer)
+            if dead is None:
+                continue
+            with self._lock:
+                if self._finished.is_set() or trainer.interrupted or trainer.received_sigterm:
+                    return  # process 0 is stopping the workers itself
+                self._print(dead)
+            stop_workers(trainer)  # the others would print tracebacks of their own
+            return
 
 
 def report_dead_worker(trainer: Any) -> bool:
-    """From process 0's error handler: print the line unless the watch has; True if a worker
-    died (the error is its consequence)."""
+    """From process 0's error handler: True if a worker died (the error is its consequence);
+    its line is printed by then."""
     watch = next((c for c in trainer.callbacks if isinstance(c, WorkerWatch)), None)
-    return watch is not None and watch.report(trainer, wait=0.5)
+    return watch is not None and watch.finish(trainer)
