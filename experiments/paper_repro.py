@@ -45,6 +45,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from coorddet.cli import describe_os_error  # noqa: E402
 from coorddet.errors import UserError  # noqa: E402
 from coorddet.fileio import write_json_atomic, write_text_atomic  # noqa: E402
 from coorddet.locking import hold_folder  # noqa: E402
@@ -464,6 +465,9 @@ if __name__ == "__main__":
     except UserError as err:  # e.g. --runs in use by another study
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except OSError as err:  # a failed write of the results
+        print(f"error: {describe_os_error(err)}", file=sys.stderr)
+        sys.exit(1)
     except RuntimeError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)

@@ -98,5 +98,6 @@ def pytest_terminal_summary(terminalreporter) -> None:  # noqa: ANN001 - pytest'
     )
     outcomes = ", ".join(f"{n} {outcome}" for outcome, n in sorted(total.items()))
     terminalreporter.write_line(
-        f"robustness (bad input, interruption, untrusted files): {outcomes} ({files})"
+        f"robustness (bad input, interruption, untrusted files, concurrent writers, write "
+        f"faults): {outcomes} ({files})"
     )
