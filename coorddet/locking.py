@@ -16,7 +16,6 @@ them so.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import shlex
 import sys
@@ -24,6 +23,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from coorddet.errors import UserError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, so folders are not locked there
+    fcntl = None  # type: ignore[assignment]
 
 
 def lock_path(folder: str | os.PathLike) -> Path:
@@ -40,6 +44,9 @@ def hold_folder(folder: str | os.PathLike, *, flag: str = "--out") -> Iterator[P
     ``flag`` is the option the user would change. Creates the folder's parent if missing.
     """
     path = lock_path(folder)
+    if fcntl is None:
+        yield path
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = _acquire(path, folder, flag)
     owner = os.getpid()

@@ -105,16 +105,15 @@ def test_released_and_reentered(name: str, tmp_path: Path) -> None:
             pass
 
 
-FORK_THEN_DIE = (
-    "import os, signal, sys, time\n"
+FORK = (
+    "import os, sys, time\n"
     "from {module}.locking import hold_folder\n"
     "with hold_folder(sys.argv[1]):\n"
-    "    child = os.fork()\n"
-    "    if child == 0:\n"
+    "    if os.fork() == 0:\n"
+    "        print(os.getpid(), flush=True)  # the fork hooks have run\n"
     "        time.sleep(60)\n"
     "        os._exit(0)\n"
-    "    print(child, flush=True)\n"
-    "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    "    time.sleep(60)\n"
 )
 
 
@@ -124,13 +123,13 @@ def test_a_forked_child_does_not_keep_a_killed_parents_lock(name: str, tmp_path:
     module, _ = MODULES[name]
     folder = tmp_path / "out"
     parent = subprocess.Popen(
-        [sys.executable, "-c", FORK_THEN_DIE.format(module=name), str(folder)],
+        [sys.executable, "-c", FORK.format(module=name), str(folder)],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         text=True,
     )
     child = int(parent.stdout.readline())
-    parent.wait()
+    stop(parent)  # SIGKILL
     try:
         os.kill(child, 0)  # still alive
         with module.hold_folder(folder):
