@@ -2,7 +2,8 @@
 
     python -m coorddet.evaluate --data DIR --split test CKPT [CKPT ...] --out REPORT_DIR
 
-writes into ``REPORT_DIR`` (built in a hidden sibling folder and moved into place whole):
+writes into ``REPORT_DIR`` (built in a hidden sibling folder and moved into place whole; one
+process at a time, see :func:`coorddet.locking.hold_folder`):
 
 - ``metrics.json``: ``{run_name: {metric: value}}`` (``null`` where undefined);
 - ``predictions_<run_name>.json``: detections in the COCO results format;
@@ -31,6 +32,8 @@ from typing import Any
 from coorddet.cli import ArgumentParser, run
 from coorddet.config import EvalConfig
 from coorddet.errors import UserError
+from coorddet.fileio import write_text_atomic
+from coorddet.locking import hold_folder
 
 PLOT_SAMPLES = 6  # canvases drawn in detections.png
 PLOTS = ("detections.png", "iou_distribution.png")
@@ -338,7 +341,7 @@ def evaluate(args: Any) -> tuple[Path, dict[str, Any]]:
             group_baseline=group_baseline,
             plots=PLOTS,
         )
-        (tmp / "report.md").write_text(report)
+        write_text_atomic(tmp / "report.md", report)
     summary = {"metrics": metrics, "baseline": baseline, "compared": compared}
     return out, {**summary, "groups": aggregated, "group_baseline": group_baseline}
 
@@ -356,7 +359,8 @@ def _no_detections(image_id: int) -> Any:
 
 def main_unsafe(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    out, summary = evaluate(args)
+    with hold_folder(args.out):
+        out, summary = evaluate(args)
 
     from coorddet.report import group_table, metrics_table
 

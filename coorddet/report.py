@@ -20,7 +20,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from coorddet.errors import UserError
+from coorddet.fileio import named, write_text_atomic
 from coorddet.metrics import METRIC_KEYS
 
 Metrics = Mapping[str, float | None]
@@ -185,7 +185,7 @@ def render_report(
 
 def write_json(path: Path, data: Any) -> None:
     """``data`` as indented JSON; NaN is not allowed (write ``None`` for undefined values)."""
-    path.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
+    write_text_atomic(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
 
 
 @contextlib.contextmanager
@@ -202,7 +202,13 @@ def staged_dir(out: Path) -> Iterator[Path]:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as error:  # name the report's file, not the staged one (or the report)
+            where = str(error.filename or tmp)
+            if where.startswith(str(tmp)):
+                where = str(out) + where[len(str(tmp)) :]
+            raise named(error, where) from None
         old = out.parent / f".{out.name}.old-{os.getpid()}" if out.exists() else None
         if old is not None:
             out.rename(old)
@@ -211,7 +217,7 @@ def staged_dir(out: Path) -> Iterator[Path]:
         except OSError as error:
             if old is not None:
                 old.rename(out)
-            raise UserError(f"cannot move the report into {out}: {error.strerror}") from None
+            raise named(error, out) from None
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:

@@ -1,7 +1,9 @@
 """The CLI: ``python -m data_gen --out DIR [options]`` (also ``coorddet-generate``).
 
 Flags become a :class:`GeneratorConfig`, which ``generate`` turns into files. User
-mistakes print one ``data_gen: error: ...`` line on stderr and exit 2.
+mistakes (and an ``--out`` another data_gen is writing) print one ``data_gen: error: ...`` line
+on stderr and exit 2; a failed write prints ``data_gen: error: cannot write FILE: REASON`` and
+exits 1.
 """
 
 from __future__ import annotations
@@ -187,6 +189,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"data_gen: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
+    except OSError as err:  # a write failed: a fault, not a usage error
+        reason = err.strerror or str(err)
+        where = f"cannot write {err.filename}: " if err.filename else ""
+        print(f"data_gen: error: {where}{reason}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("data_gen: interrupted; nothing was written to --out", file=sys.stderr)
         return 130

@@ -13,8 +13,9 @@ COCO ids: image ``id = index + 1`` for ``file_name = f"{index:06d}.png"``, annot
 ``area = w * h``.
 
 Everything is built in ``OUT.parent/.{OUT.name}.tmp-<pid>`` and renamed into place at the
-end, so an interrupted run never leaves a half-written dataset at ``OUT``; stale temp
-directories of dead processes are removed by the next run.
+end, so an interrupted or failed run never leaves a half-written dataset at ``OUT``; stale temp
+directories of dead processes are removed by the next run. A failed write raises an
+``OSError`` naming the file.
 """
 
 from __future__ import annotations
@@ -61,13 +62,29 @@ def encode_png(image: np.ndarray) -> bytes:
 
 def write_bytes(path: Path, data: bytes) -> None:
     """Write a new file with three system calls (Python's ``open`` adds a few per file)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+    except OSError as error:  # os.write names no file
+        raise named(error, path) from None
+
+
+def named(error: OSError, path: str | os.PathLike) -> OSError:
+    """``error`` with ``path`` as its file name."""
+    return OSError(error.errno, error.strerror or str(error), os.fspath(path))
+
+
+def named_in_out(error: OSError, temp: Path, out: Path) -> OSError:
+    """``error`` naming the file as it would be under ``out`` (not the build directory)."""
+    where = os.fspath(error.filename or temp)
+    if where.startswith(os.fspath(temp)):
+        where = os.fspath(out) + where[len(os.fspath(temp)) :]
+    return named(error, where)
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
@@ -120,7 +137,7 @@ def coco_document(
 
 
 def write_json(path: Path, document: dict, *, indent: int | None = None) -> None:
-    path.write_text(json.dumps(document, indent=indent) + "\n", encoding="utf-8")
+    write_bytes(path, (json.dumps(document, indent=indent) + "\n").encode())
 
 
 def check_output_dir(out: Path, *, overwrite: bool) -> None:
@@ -158,8 +175,8 @@ def make_temp_dir(out: Path) -> Path:
         shutil.rmtree(temp, ignore_errors=True)
         for sub in (*SPLITS, "annotations"):
             (temp / sub).mkdir(parents=True)
-    except OSError as err:
-        raise UserError(f"--out {out}: cannot create the output directory: {err}") from None
+    except OSError as err:  # a fault (exit 1), named
+        raise named(err, err.filename or out) from None
     return temp
 
 
@@ -169,7 +186,12 @@ def publish(temp: Path, out: Path) -> None:
     aside = out.parent / f".{out.name}.old-{os.getpid()}"
     if out.exists():
         os.rename(out, aside)
-    os.rename(temp, out)
+    try:
+        os.rename(temp, out)
+    except OSError as error:
+        if aside.exists():
+            os.rename(aside, out)
+        raise named(error, out) from None
     shutil.rmtree(aside, ignore_errors=True)
 
 

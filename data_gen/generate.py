@@ -34,6 +34,7 @@ from data_gen.canvas import (
 )
 from data_gen.config import GeneratorConfig
 from data_gen.errors import UserError
+from data_gen.locking import hold_folder
 from data_gen.preview import write_preview
 from data_gen.sources import DigitSource, load_source
 
@@ -73,10 +74,17 @@ def generate(config: GeneratorConfig, *, progress: bool = False) -> GenerationSu
     """Write the dataset described by ``config`` to ``config.out`` (layout in ``coco``).
 
     ``progress`` shows a Rich progress bar on stderr. Raises ``UserError`` for bad settings
-    before anything is written; on any failure nothing is left at ``config.out``.
+    (or an ``OUT`` another process is writing) before anything is written, ``OSError`` naming
+    the file when a write fails; on any failure nothing is left at ``config.out``.
     """
     started = time.perf_counter()
-    coco.check_output_dir(config.out, overwrite=config.overwrite)
+    coco.check_output_dir(config.out, overwrite=config.overwrite)  # writes nothing
+    with hold_folder(config.out):  # one data_gen per --out; UserError naming the holder
+        coco.check_output_dir(config.out, overwrite=config.overwrite)  # filled meanwhile?
+        return _generate(config, progress, started)
+
+
+def _generate(config: GeneratorConfig, progress: bool, started: float) -> GenerationSummary:
     source = load_source(config.source, mnist_root=config.mnist_root, download=config.download)
     counts = {"train": config.train, "val": config.val, "test": config.test}
     state = _render_state(config, source)
@@ -94,9 +102,9 @@ def generate(config: GeneratorConfig, *, progress: bool = False) -> GenerationSu
             write_preview(temp / "train", records["train"][: config.preview], temp / "preview.png")
         coco.check_output_dir(config.out, overwrite=config.overwrite)  # filled meanwhile?
         coco.publish(temp, config.out)
-    except OSError as err:
+    except OSError as err:  # a fault, not a usage error: main() prints one line, exit 1
         coco.discard(temp)
-        raise UserError(f"writing the dataset for --out {config.out} failed: {err}") from None
+        raise coco.named_in_out(err, temp, config.out) from None
     except BaseException:
         coco.discard(temp)
         raise

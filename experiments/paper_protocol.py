@@ -57,6 +57,7 @@ from study import (  # noqa: E402
 )
 
 from coorddet.fileio import write_json_atomic, write_text_atomic  # noqa: E402
+from coorddet.locking import hold_folder  # noqa: E402
 from coorddet.report import aggregate, format_number, format_percent, relative_change  # noqa: E402
 from coorddet.system import describe_machine  # noqa: E402
 
@@ -432,6 +433,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         path = Path(args.out) / "paper_protocol.json"
         write_text_atomic(path.with_suffix(".md"), render_markdown(json.loads(path.read_text())))
         return 0
+    with hold_folder(args.runs, flag="--runs"):  # two ladders never train the same run folders
+        return run_ladder(args, argv)
+
+
+def run_ladder(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     log = Log()
     command = shlex.join(
         ["python", "experiments/paper_protocol.py", *(argv if argv is not None else sys.argv[1:])]

@@ -22,6 +22,8 @@ Runs are shared where they coincide (``with_r`` reuses the uniform baseline and 
 Training jobs run ``--jobs`` at a time with ``--threads`` torch threads each (on 2 cores, two
 1-thread jobs move ~25% more images per second than one 2-thread job). The script can be
 stopped and rerun: finished runs are kept, unfinished ones continue with ``--resume last``.
+One study at a time uses a ``--runs`` folder (a second exits 2 naming the first); each
+``train.py``, ``coorddet.evaluate`` and ``data_gen`` it starts holds its own output folder too.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from coorddet.fileio import write_json_atomic, write_text_atomic  # noqa: E402
+from coorddet.locking import hold_folder  # noqa: E402
 from coorddet.report import (  # noqa: E402
     aggregate,
     format_number,
@@ -342,6 +345,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         payload = json.loads((Path(args.out) / "paper_repro.json").read_text())
         write_text_atomic(Path(args.out) / "paper_repro.md", render_markdown(payload))
         return 0
+    with hold_folder(args.runs, flag="--runs"):  # two studies never train the same run folders
+        return run_studies(args, argv)
+
+
+def run_studies(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     log = Log()
     command = shlex.join(["python", "experiments/paper_repro.py", *(argv or sys.argv[1:])])
     log(f"{command}: studies {', '.join(args.studies)}, seeds {args.seeds}, {args.epochs} epochs")

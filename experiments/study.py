@@ -111,9 +111,19 @@ def mean_ci(stats: dict, digits: int) -> str:
 
 
 def run_main(main: Callable[[], int]) -> None:
-    """Exit with ``main()``'s code; a failed step is one line and exit 1, Ctrl-C exit 130."""
+    """Exit with ``main()``'s code. One line for what stops a study: a usage error (the run
+    folder in use by another study) exit 2; a failed step or write exit 1; Ctrl-C exit 130."""
+    from coorddet.cli import describe_os_error
+    from coorddet.errors import UserError
+
     try:
         sys.exit(main())
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as err:
+        print(f"error: {describe_os_error(err)}", file=sys.stderr)
+        sys.exit(1)
     except RuntimeError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)

@@ -43,7 +43,16 @@ def run_cli(*args: str, cwd: Path = ROOT, timeout: float = 300, env: dict | None
 
 def assert_user_error(result: subprocess.CompletedProcess, *needles: str) -> None:
     """Exit code 2, one line on stderr naming each needle, and no traceback."""
-    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert_one_line(result, 2, needles)
+
+
+def assert_fault(result: subprocess.CompletedProcess, *needles: str) -> None:
+    """Exit code 1 (a fault, not a usage error), one line on stderr naming each needle."""
+    assert_one_line(result, 1, needles)
+
+
+def assert_one_line(result: subprocess.CompletedProcess, code: int, needles: tuple) -> None:
+    assert result.returncode == code, (result.returncode, result.stderr[-2000:])
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
@@ -100,5 +109,6 @@ def pytest_terminal_summary(terminalreporter) -> None:  # noqa: ANN001 - pytest'
     )
     outcomes = ", ".join(f"{n} {outcome}" for outcome, n in sorted(total.items()))
     terminalreporter.write_line(
-        f"robustness (bad input, interruption, untrusted files): {outcomes} ({files})"
+        f"robustness (bad input, interruption, untrusted files, concurrent writers, write "
+        f"faults): {outcomes} ({files})"
     )

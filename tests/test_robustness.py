@@ -15,7 +15,9 @@ with one summary line (``tests/conftest.py``):
   ``--resume last`` to the requested epochs; evaluate leaves the old report untouched;
 - a NaN loss stops training with one line and keeps ``best.ckpt``;
 - no overwriting without ``--overwrite`` (data_gen, train.py, evaluate);
-- a checkpoint that runs code when unpickled is refused and its payload never runs.
+- a checkpoint that runs code when unpickled is refused and its payload never runs;
+- one process per output folder, write faults (full disk, read-only or removed folder) and a
+  killed DDP worker: ``test_faults.py``, with ``test_locking.py`` and ``test_fileio.py``.
 """
 
 from __future__ import annotations

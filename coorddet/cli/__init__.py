@@ -1,4 +1,9 @@
-"""Shared command-line plumbing: one-line errors with exit code 2, no tracebacks."""
+"""Shared command-line plumbing: one-line errors, no tracebacks.
+
+Exit code 2: a user mistake (:class:`UserError`: a bad flag, file or value, a folder in use).
+Exit code 1: a fault (a write failed: no space, permission denied, read-only file system, a
+folder removed meanwhile), reported as ``error: cannot write FILE: REASON``.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ from coorddet.errors import UserError
 from coorddet.system import configure_memory
 
 USER_ERROR_EXIT = 2
+FAULT_EXIT = 1
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -20,7 +26,8 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
-    """Call ``main(argv)``; a :class:`UserError` becomes one line on stderr and exit code 2.
+    """Call ``main(argv)``; a :class:`UserError` becomes one line on stderr and exit code 2, an
+    ``OSError`` (a failed write) one line and exit code 1.
 
     Large CPU tensors use transparent huge pages and freed memory is reused
     (:func:`coorddet.system.configure_memory`).
@@ -28,10 +35,36 @@ def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None 
     configure_memory()
     try:
         return main(argv)
-    except UserError as error:
-        message = " ".join(str(error).split())  # one line, whatever the message held
-        print(f"error: {message}", file=sys.stderr)
-        return USER_ERROR_EXIT
+    except (UserError, OSError) as error:
+        line, code = one_line(error)
+        print(line, file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def one_line(error: BaseException) -> tuple[str, int]:
+    """The line :func:`run` prints for ``error`` and the exit code; ``("", 0)`` for errors that
+    keep their traceback (programming errors)."""
+    if isinstance(error, UserError):
+        message = " ".join(str(error).split())  # one line, whatever the message held
+        return f"error: {message}", USER_ERROR_EXIT
+    if isinstance(error, OSError):
+        return f"error: {describe_os_error(error)}", FAULT_EXIT
+    return "", 0
+
+
+def describe_os_error(error: OSError) -> str:
+    """``cannot write FILE: REASON`` for the first ``OSError`` of a chain.
+
+    The first: a failed save is often followed by a failed log flush while Lightning shuts
+    down, and the flush's error has the first as its context.
+    """
+    while True:
+        earlier = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+        if not isinstance(earlier, OSError):
+            break
+        error = earlier
+    reason = error.strerror or str(error)
+    return f"cannot write {error.filename}: {reason}" if error.filename else reason

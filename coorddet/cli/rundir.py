@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from coorddet.errors import UserError
-from coorddet.fileio import write_json_atomic
+from coorddet.fileio import write_csv_atomic, write_json_atomic
 
 if TYPE_CHECKING:
     from coorddet.checkpoint import LoadedCheckpoint
@@ -113,12 +113,7 @@ def trim_csv_log(path: Path, completed_epochs: int) -> None:
         reader = csv.DictReader(file)
         fields = list(reader.fieldnames or [])
         rows = [row for row in reader if _epoch(row) < completed_epochs]
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
+    write_csv_atomic(path, fields, rows)
 
 
 def _epoch(row: dict[str, str]) -> float:

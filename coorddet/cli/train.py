@@ -4,15 +4,20 @@ Lightning runs the loops, devices, DDP (CPU gloo to multi-node NCCL), precision,
 and logs. This file only wires the pieces together; :mod:`coorddet.cli.rundir` describes and
 guards the run directory it writes.
 
-Exit codes: 0 done (or nothing left to do), 2 a user mistake (one line on stderr), 1 the loss
-became NaN/inf (checkpoints are left as they were) or Ctrl-C during training (Lightning's
-handler), 130 Ctrl-C before it, 143 SIGTERM (resume with ``--resume last``).
+One process at a time writes a run directory (:func:`coorddet.locking.hold_folder`; under DDP
+the launching process holds it for all).
+
+Exit codes: 0 done (or nothing left to do), 2 a user mistake (one line on stderr, e.g. the run
+directory is in use), 1 a fault (one line: the loss became NaN/inf, a write failed, a DDP worker
+died; checkpoints are left as they were) or Ctrl-C during training (Lightning's handler), 130
+Ctrl-C before it, 143 SIGTERM (resume with ``--resume last``).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
 import shutil
 import sys
 import time
@@ -20,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from coorddet.cli import ArgumentParser, run
+from coorddet.cli import FAULT_EXIT, ArgumentParser, one_line, run
 from coorddet.cli.rundir import (
     ResumePoint,
     check_out_dir,
@@ -32,6 +37,7 @@ from coorddet.cli.rundir import (
 )
 from coorddet.config import DataConfig, TrainConfig, build_config, dump_yaml, load_yaml
 from coorddet.errors import UserError
+from coorddet.locking import hold_folder
 
 DATA_GEN_HINT = "python -m data_gen --out {data}"
 
@@ -179,14 +185,39 @@ def _build_module(config: TrainConfig, resume: ResumePoint | None) -> Any:
     )
 
 
+def resume_command(argv: Sequence[str] | None) -> str:
+    """The command line that continues this run: the same flags, ``--resume last``."""
+    words, kept = list(sys.argv[1:] if argv is None else argv), []
+    while words:
+        word = words.pop(0)
+        if word == "--resume" and words:
+            words.pop(0)
+        elif word != "--overwrite" and not word.startswith("--resume="):
+            kept.append(word)
+    return shlex.join(["python", "train.py", *kept, "--resume", "last"])
+
+
 def main_unsafe(argv: Sequence[str] | None = None) -> int:
     args, overrides = parse_args(argv)
     raw = load_yaml(args.config) if args.config else {}
     config = build_config(raw, overrides)
-    out = config.out_dir
-    rank_zero = is_rank_zero()
     # Quick checks first: a mistake is reported before the seconds-long imports below.
     _check_dataset(config.data.data_dir)
+    if not is_rank_zero():  # a DDP process started by process 0, which holds the run directory
+        return _train(args, argv, raw, overrides, config)
+    with hold_folder(config.out_dir):  # before any check of it: they hold only while it is held
+        return _train(args, argv, raw, overrides, config)
+
+
+def _train(
+    args: Any,
+    argv: Sequence[str] | None,
+    raw: dict[str, Any],
+    overrides: dict[str, Any],
+    config: TrainConfig,
+) -> int:
+    out = config.out_dir
+    rank_zero = is_rank_zero()
     checkpoint = resume_path(args.resume, out) if args.resume else None
     if checkpoint is None and rank_zero:
         check_out_dir(out, overwrite=args.overwrite)
@@ -195,6 +226,7 @@ def main_unsafe(argv: Sequence[str] | None = None) -> int:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from coorddet.cli.trainer_io import build_trainer, quiet_lightning
+    from coorddet.cli.workers import report_dead_worker, stop_workers
 
     quiet_lightning(args.quiet)  # after the import: lightning sets its loggers' levels on import
 
@@ -217,7 +249,7 @@ def main_unsafe(argv: Sequence[str] | None = None) -> int:
     datamodule = _open_data(config)
     L.seed_everything(config.seed, workers=True, verbose=not args.quiet)
     module = _build_module(config, resume)
-    trainer = build_trainer(config, quiet=args.quiet)
+    trainer = build_trainer(config, quiet=args.quiet, resume_command=resume_command(argv))
     if rank_zero:  # DDP's other processes start inside fit(), after this
         if args.overwrite and out.exists():
             shutil.rmtree(out)
@@ -240,6 +272,20 @@ def main_unsafe(argv: Sequence[str] | None = None) -> int:
                 f"terminated by SIGTERM; continue with: --out {out} --resume last", file=sys.stderr
             )
         return 143
+    except Exception as error:
+        if not rank_zero:
+            raise
+        # A killed worker reaches process 0 as gloo's or NCCL's error in the next collective.
+        if report_dead_worker(trainer):  # its one line is printed
+            stop_workers(trainer)
+            return FAULT_EXIT
+        line, code = one_line(error)  # e.g. a failed write
+        if line:  # printed before the workers stop: Lightning then SIGKILLs this process
+            print(line, file=sys.stderr, flush=True)
+        stop_workers(trainer)  # they would wait for process 0 or print tracebacks of their own
+        if not line:
+            raise
+        return code
     seconds = time.perf_counter() - started
     if not trainer.is_global_zero:
         return 0

@@ -1,14 +1,16 @@
 """Lightning pieces that write a run directory so that a killed run can always be resumed.
 
-- :class:`AtomicCheckpointIO`: a checkpoint is written next to its target and renamed over
-  it, so ``last.ckpt`` / ``best.ckpt`` are always either the old or the new complete file,
-  whatever moment a SIGKILL lands.
+- :class:`AtomicCheckpointIO`: a checkpoint is written once, next to its target, and renamed
+  over it, so ``last.ckpt`` / ``best.ckpt`` are always either the old or the new complete file,
+  whatever moment a SIGKILL or a full disk strikes (no copy through the system temp folder).
 - :class:`AppendingCSVLogger`: Lightning's ``CSVLogger`` deletes an existing ``metrics.csv``
   when it starts; on resume this one appends to it instead (``train.py`` first trims the rows
-  of the epoch that was interrupted, see :func:`coorddet.cli.rundir.trim_csv_log`).
+  of the epoch that was interrupted, see :func:`coorddet.cli.rundir.trim_csv_log`). A new
+  column rewrites the file atomically, and a failed write names the file.
 - :class:`RunCheckpoint`: ``ModelCheckpoint`` that still knows its best score after the run
   directory was moved or copied (Lightning would forget it and overwrite ``best.ckpt``).
 - :class:`ProgressBar`: Rich progress bar without Lightning's ``v_num`` entry.
+- :class:`coorddet.cli.workers.WorkerWatch`: one line when a DDP worker dies.
 - :func:`build_trainer`: the ``Trainer`` with all of the above, checkpoints and loggers.
 
 Imported only once ``lightning`` is needed: the command line's fast checks stay fast.
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
@@ -32,22 +35,33 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
+from coorddet.cli.workers import WorkerWatch
 from coorddet.config import TrainConfig
 from coorddet.datamodule import AugmentationEpochs
 from coorddet.errors import UserError
+from coorddet.fileio import named, write_atomic, write_csv_atomic
 from coorddet.module import RandomStateCallback
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``torch.save`` to ``.NAME.tmp`` in the same folder, then ``os.replace`` onto ``NAME``."""
+    """``torch.save`` to ``.NAME.tmp`` in the same folder, then ``os.replace`` onto ``NAME``.
+
+    Lightning's own save writes into the system temp folder first and then copies: two places
+    that each need room for the whole checkpoint. A failure removes the temp file and raises
+    an ``OSError`` naming ``NAME`` (:func:`coorddet.fileio.write_atomic`).
+    """
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None
     ) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} does not take storage_options")
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        super().save_checkpoint(checkpoint, tmp, storage_options)
-        os.replace(tmp, path)
+        try:
+            path.parent.mkdir(exist_ok=True)  # not parents: a removed run directory stays gone
+        except OSError as error:
+            raise named(error, path) from None
+        write_atomic(path, lambda file: torch.save(checkpoint, file))
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -95,6 +109,26 @@ class _AppendingWriter(ExperimentWriter):
             with open(self.metrics_file_path, newline="") as file:
                 self.metrics_keys = next(csv.reader(file), [])
 
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        # Lightning truncates and rewrites in place: a full disk would lose the logged rows.
+        with open(self.metrics_file_path, newline="") as file:
+            rows = list(csv.DictReader(file))
+        write_csv_atomic(Path(self.metrics_file_path), fieldnames, rows)
+
+    def save(self) -> None:
+        try:
+            super().save()
+        except OSError as error:
+            raise named(error, error.filename or self.metrics_file_path) from None
+
+    def log_hparams(self, params: dict[str, Any]) -> None:
+        try:
+            super().log_hparams(params)
+        except OSError as error:
+            raise named(
+                error, error.filename or os.path.join(self.log_dir, "hparams.yaml")
+            ) from None
+
 
 class AppendingCSVLogger(CSVLogger):
     """``CSVLogger`` that keeps the rows already in ``metrics.csv`` (from before a resume)."""
@@ -117,8 +151,9 @@ class ProgressBar(RichProgressBar):
         return metrics
 
 
-def build_trainer(config: TrainConfig, *, quiet: bool) -> L.Trainer:
-    """The ``lightning.Trainer`` of ``config.trainer`` writing into ``config.out_dir``."""
+def build_trainer(config: TrainConfig, *, quiet: bool, resume_command: str) -> L.Trainer:
+    """The ``lightning.Trainer`` of ``config.trainer`` writing into ``config.out_dir``;
+    ``resume_command`` is shown when a DDP worker dies (:class:`WorkerWatch`)."""
     out = config.out_dir
     callbacks: list[Any] = [
         RunCheckpoint(
@@ -134,6 +169,7 @@ def build_trainer(config: TrainConfig, *, quiet: bool) -> L.Trainer:
         ),
         RandomStateCallback(),
         AugmentationEpochs(),
+        WorkerWatch(resume_command),
     ]
     if not quiet:
         callbacks.append(ProgressBar(leave=True))
