@@ -145,13 +145,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def plan(args: argparse.Namespace) -> list[Run]:
-    """Every run, rung by rung, the two arms of a seed next to each other."""
-    return [
+    """Every run, the two arms of a seed next to each other, queued so that a study stopped
+    early has the most telling pairs: R0 and R1 seed by seed, then R2-R4 seed by seed, then
+    R0's extra seeds, then R5 (the longest runs)."""
+    runs = [
         Run(rung, arm, seed)
         for rung in args.rungs
         for seed in (args.r0_seeds if rung == "R0" else args.seeds)
         for arm in ARMS
     ]
+
+    def queue(run: Run) -> tuple[int, int, str]:
+        if run.rung == "R5":
+            return 3, run.seed, run.rung
+        if run.rung == "R0" and run.seed not in args.seeds:
+            return 2, run.seed, run.rung
+        return (0 if run.rung in ("R0", "R1") else 1), run.seed, run.rung
+
+    return sorted(runs, key=queue)  # stable: baseline before coordconv
 
 
 def make_dataset(boxes: str, args: argparse.Namespace, log: Log) -> Path:

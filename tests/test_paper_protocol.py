@@ -64,10 +64,11 @@ def test_bad_arguments_exit_2():
 
 
 @pytest.mark.skipif(not (ROOT / "results" / "paper_protocol.json").is_file(), reason="no results")
-def test_committed_results_match_their_markdown():
+def test_committed_results_match_their_markdown_and_the_readme():
     script = load_script(SCRIPT)
     results = json.loads((ROOT / "results" / "paper_protocol.json").read_text())
     assert not results["quick"]
     assert (ROOT / "results" / "paper_protocol.md").read_text() == script.render_markdown(results)
+    assert script.summary_table(results) in (ROOT / "README.md").read_text()
     for record in results["runs"]:
         assert RECORD_KEYS <= set(record)

@@ -132,6 +132,21 @@ def test_same_seed_same_metrics_and_overwrite(
 # --- DDP -----------------------------------------------------------------------------------
 
 
+def test_last_checkpoint_is_the_last_epoch_even_when_the_metric_does_not_improve(
+    tiny_dataset: Path, tmp_path: Path
+) -> None:
+    # lr 1e-30 leaves the weights as they were, so validation map never improves after
+    # epoch 0: best.ckpt stays there, last.ckpt must still follow every epoch.
+    out = tmp_path / "flat"
+    result = train("--data", tiny_dataset, "--out", out, "--max-epochs", "3", "--lr", "1e-30",
+                   "--quiet")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    load = lambda name: torch.load(out / "checkpoints" / name, weights_only=True)  # noqa: E731
+    last, best = load("last.ckpt"), load("best.ckpt")
+    assert (best["epoch"], last["epoch"]) == (0, 2)
+    assert last["global_step"] > best["global_step"]
+
+
 @pytest.fixture(scope="module")
 def odd_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """5 validation images: 2 processes pad them to 6, so one image is scored twice."""

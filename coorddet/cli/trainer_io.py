@@ -163,9 +163,18 @@ def build_trainer(config: TrainConfig, *, quiet: bool, resume_command: str) -> L
             monitor="rpn_iou" if config.model.get("detector") == "rpn-only" else "map",
             mode="max",
             save_top_k=1,
-            save_last=True,
             enable_version_counter=False,
             auto_insert_metric_name=False,
+        ),
+        # last.ckpt: every epoch, by a second, unmonitored callback. Since Lightning 2.6,
+        # save_last=True writes last.ckpt only when a best checkpoint is written at the same
+        # step, so it stayed a copy of best.ckpt whenever the metric did not improve.
+        RunCheckpoint(
+            dirpath=out / "checkpoints",
+            filename="last",
+            monitor=None,
+            save_top_k=1,
+            enable_version_counter=False,
         ),
         RandomStateCallback(),
         AugmentationEpochs(),
