@@ -260,3 +260,9 @@ def test_released_config_trains_and_evaluates_an_rpn_only_model(tmp_path):
     assert math.isfinite(scored["rpn_iou"]) and scored["map"] is None
     predictions = json.loads(next(Path(report).glob("predictions_*.json")).read_text())
     assert predictions == []
+    usage = run_cli("experiments/anchor_usage.py", "--data", str(data), "--images", "4",
+                    str(out / "checkpoints" / "last.ckpt"))  # fmt: skip
+    assert usage.returncode == 0, usage.stderr[-3000:]
+    row = usage.stdout.strip().splitlines()[-1].split("|")[2:-1]  # 9 anchors, inside, IoU
+    shares = [float(cell.strip().rstrip("%")) for cell in row[:9]]
+    assert len(row) == 11 and abs(sum(shares) - 100) <= 5  # rounded percentages
