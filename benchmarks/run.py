@@ -113,7 +113,7 @@ def lightning_steps(data: Path, tmp: Path, *, coordconv: bool, steps: int) -> li
         **dataclasses.asdict(config.eval),
         run_config=config.to_dict(),
     )
-    trainer = build_trainer(config, quiet=True)
+    trainer = build_trainer(config, quiet=True, resume_command="python benchmarks/run.py")
     timer = StepTimer(steps)
     trainer.callbacks.append(timer)
     trainer.fit(module, datamodule=datamodule)
