@@ -23,8 +23,10 @@ import torch  # noqa: E402
 from pycocotools.coco import COCO  # noqa: E402
 
 from coorddet.checkpoint import load_checkpoint  # noqa: E402
-from coorddet.data import CocoDetection, annotation_file, collate_detection  # noqa: E402
-from coorddet.metrics import evaluate_records, predict_with_proposals  # noqa: E402
+from coorddet.data import CocoDataset, collate_detection  # noqa: E402
+from coorddet.dataset_layout import annotation_file  # noqa: E402
+from coorddet.inference import predict_with_proposals  # noqa: E402
+from coorddet.metrics import evaluate_records  # noqa: E402
 from coorddet.system import configure_memory  # noqa: E402
 
 KEYS = ("map", "mar_100", "rpn_iou", "det_iou", "gt_iou")
@@ -62,7 +64,7 @@ def main() -> None:
     configure_memory()  # as train.py and coorddet.evaluate do
     if args.threads:
         torch.set_num_threads(args.threads)
-    dataset = CocoDetection(args.data, args.split)
+    dataset = CocoDataset(args.data, args.split)
     coco = COCO(str(annotation_file(args.data, args.split)))
     batches = []
     for start in range(0, len(dataset), 64):

@@ -44,12 +44,12 @@ sys.path.insert(0, str(ROOT))
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
-from coorddet.cli.trainer_io import build_trainer, quiet_lightning  # noqa: E402
+from coorddet.cli.trainer import build_trainer, quiet_lightning  # noqa: E402
 from coorddet.config import build_config  # noqa: E402
-from coorddet.data import CocoDetection, collate_detection  # noqa: E402
+from coorddet.data import CocoDataset, collate_detection  # noqa: E402
 from coorddet.datamodule import CocoDataModule  # noqa: E402
 from coorddet.fileio import write_json_atomic  # noqa: E402
-from coorddet.metrics import predict_with_proposals  # noqa: E402
+from coorddet.inference import predict_with_proposals  # noqa: E402
 from coorddet.models import build_model  # noqa: E402
 from coorddet.module import DetectionModule  # noqa: E402
 from coorddet.system import configure_memory, describe_machine  # noqa: E402
@@ -160,7 +160,7 @@ def interleaved_ratio(data: Path, *, steps: int, warmup: int) -> tuple[float, di
     so what drifts during the run (clock speed, a neighbour's load) cancels within a pair.
     Also returns each arm's median step time.
     """
-    dataset = CocoDetection(data, "train")
+    dataset = CocoDataset(data, "train")
     batches = [
         collate_detection([dataset[i] for i in range(start, start + BATCH)])
         for start in range(0, 8 * BATCH, BATCH)
@@ -188,7 +188,7 @@ def interleaved_ratio(data: Path, *, steps: int, warmup: int) -> tuple[float, di
 
 
 def eval_speed(model: torch.nn.Module, data: Path, *, batches: int) -> float:
-    dataset = CocoDetection(data, "test")
+    dataset = CocoDataset(data, "test")
     model.eval()
     count = min(len(dataset), batches * EVAL_BATCH)
     loader = torch.utils.data.DataLoader(

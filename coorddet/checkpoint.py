@@ -23,7 +23,7 @@ from coorddet.errors import UserError
 CHECKPOINT_KEY = "coorddet"  # marks a checkpoint as ours; holds the resolved run config
 
 if TYPE_CHECKING:  # torchvision loads only when a model is built: failed loads stay quick
-    from torchvision.models.detection import FasterRCNN
+    from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 
 _UNREADABLE = "not a readable checkpoint: corrupt, truncated or not a PyTorch file"
 # torch's weights-only unpickler, refusing a Python object (not a malformed stream): a global
@@ -86,7 +86,7 @@ class LoadedCheckpoint:
             text += f"; trained on {canvas} px canvases, so it resizes these {shown} images"
         return text
 
-    def build_model(self, **overrides: Any) -> FasterRCNN:
+    def build_model(self, **overrides: Any) -> GeneralizedRCNN:
         """The detector of the run config with the checkpoint's weights, in eval mode;
         ``overrides`` replace model settings that leave the weights' shapes alone (e.g.
         ``rpn_post_nms_top_n_test``)."""

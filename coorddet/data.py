@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import math
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
@@ -29,7 +28,10 @@ from PIL import Image
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
+from coorddet.boxes import xywh_to_xyxy
+from coorddet.dataset_layout import annotation_file, image_folder, require_dataset
 from coorddet.errors import UserError
+from coorddet.validate import is_int, is_number
 
 Target = dict[str, torch.Tensor]
 
@@ -37,19 +39,7 @@ Target = dict[str, torch.Tensor]
 VISIBLE_BOXES, PLACEMENT_BOXES = "visible", "placement"  # dataset.json "boxes" (data_gen --boxes)
 
 
-def annotation_file(root: str | Path, split: str) -> Path:
-    """``ROOT/annotations/instances_{split}.json``."""
-    return Path(root) / "annotations" / f"instances_{split}.json"
-
-
-def xywh_to_xyxy(boxes: np.ndarray) -> np.ndarray:
-    """COCO ``(K, 4)`` ``[x, y, w, h]`` -> ``(K, 4)`` ``[x1, y1, x2, y2]``, pixels. The one conversion."""
-    xyxy = np.array(boxes, dtype=np.float32).reshape(-1, 4)
-    xyxy[:, 2:] += xyxy[:, :2]
-    return xyxy
-
-
-class CocoDetection(Dataset):
+class CocoDataset(Dataset):
     """One split of a COCO detection dataset, checked and decoded into memory.
 
     ``dataset[i]`` returns ``(image, target)``:
@@ -75,8 +65,8 @@ class CocoDetection(Dataset):
         self.root = Path(root)
         self.split = split
         self.transforms = transforms
-        json_path = annotation_file(root, split)
-        dataset = _read_json(json_path, self.root)
+        json_path = annotation_file(require_dataset(self.root, [split]), split)
+        dataset = _read_json(json_path)
         self.box_kind = box_kind(self.root)
         _check_coco(dataset, json_path, boxes_may_leave_image=self.box_kind == PLACEMENT_BOXES)
         if transforms is not None and self.box_kind == PLACEMENT_BOXES:
@@ -95,7 +85,7 @@ class CocoDetection(Dataset):
         images = [self.coco.imgs[i] for i in self.image_ids]
         self._sizes = np.array([(im["height"], im["width"]) for im in images], dtype=np.int64)
         self._pixel_start = np.concatenate([[0], np.cumsum(self._sizes.prod(axis=1))])
-        self._pixels = _decode_images(images, self.root / split, json_path)
+        self._pixels = _decode_images(images, image_folder(self.root, split), json_path)
 
         boxes, labels, ann_start = [], [], [0]
         for image_id in self.image_ids:
@@ -172,12 +162,7 @@ def collate_detection(
 # --- checks: every way a COCO file on disk can be wrong, as one-line UserErrors -------------
 
 
-def _read_json(path: Path, root: Path) -> dict[str, Any]:
-    create = f"create one with `python -m data_gen --out {root}`"
-    if not root.is_dir():
-        raise UserError(f"dataset directory {root} does not exist; {create}")
-    if not path.is_file():
-        raise UserError(f"{path}: annotation file not found; {create}")
+def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -221,7 +206,7 @@ def _check_coco(data: dict[str, Any], path: Path, *, boxes_may_leave_image: bool
     for image_id, image in images.items():
         where = f"{path}: image id {image_id}"
         for key in ("width", "height"):
-            if not _is_int(image.get(key)) or image[key] < 1:
+            if not is_int(image.get(key)) or image[key] < 1:
                 raise UserError(f"{where}: '{key}' must be a positive integer")
         name = image.get("file_name")
         if not isinstance(name, str) or not _is_inside(name):
@@ -232,14 +217,14 @@ def _check_coco(data: dict[str, Any], path: Path, *, boxes_may_leave_image: bool
     _unique_ids(data["annotations"], path, "annotations")
     for ann in data["annotations"]:
         where = f"{path}: annotation id {ann['id']}"
-        image = images.get(ann.get("image_id")) if _is_int(ann.get("image_id")) else None
+        image = images.get(ann.get("image_id")) if is_int(ann.get("image_id")) else None
         if image is None:
             raise UserError(f"{where}: image_id {ann.get('image_id')!r} is not in 'images'")
         category_id = ann.get("category_id")
-        if not _is_int(category_id) or category_id not in categories:
+        if not is_int(category_id) or category_id not in categories:
             raise UserError(f"{where}: category_id {category_id!r} is not in 'categories'")
         bbox = ann.get("bbox")
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(map(_is_number, bbox))):
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(map(is_number, bbox))):
             raise UserError(f"{where}: bbox {bbox!r} must be 4 numbers [x, y, w, h]")
         x, y, w, h = bbox
         if w <= 0 or h <= 0:
@@ -253,10 +238,10 @@ def _check_coco(data: dict[str, Any], path: Path, *, boxes_may_leave_image: bool
                 f"{where}: bbox {bbox} lies outside its {image['width']}x{image['height']} image"
             )
         ann.setdefault("iscrowd", 0)
-        if not _is_int(ann["iscrowd"]) or ann["iscrowd"] not in (0, 1):
+        if not is_int(ann["iscrowd"]) or ann["iscrowd"] not in (0, 1):
             raise UserError(f"{where}: iscrowd must be 0 or 1, got {ann['iscrowd']!r}")
         ann.setdefault("area", float(w * h))
-        if not _is_number(ann["area"]) or ann["area"] < 0:
+        if not is_number(ann["area"]) or ann["area"] < 0:
             raise UserError(f"{where}: area must be a number >= 0, got {ann['area']!r}")
 
 
@@ -264,7 +249,7 @@ def _unique_ids(entries: list[Any], path: Path, key: str) -> dict[int, dict[str,
     by_id: dict[int, dict[str, Any]] = {}
     for position, entry in enumerate(entries):
         entry_id = entry.get("id") if isinstance(entry, dict) else None
-        if not _is_int(entry_id):
+        if not is_int(entry_id):
             raise UserError(f"{path}: '{key}' entry {position} needs an integer 'id'")
         if entry_id in by_id:
             raise UserError(f"{path}: '{key}' has id {entry_id} twice")
@@ -307,14 +292,6 @@ def _is_inside(name: str) -> bool:
         and ".." not in posix.parts
         and posix.parts not in ((), (".",))
     )
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _one_line(err: BaseException) -> str:

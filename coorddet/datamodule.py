@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from coorddet.data import CocoDetection, collate_detection
+from coorddet.data import CocoDataset, collate_detection
 from coorddet.errors import UserError
 from coorddet.transforms import POLICIES, build_transforms
 
@@ -82,17 +82,17 @@ class CocoDataModule(L.LightningDataModule):
         # (loaders with live workers among them) until the garbage collector runs; handing it
         # our own frame avoids that.
         self.save_hyperparameters(frame=inspect.currentframe())
-        self.train_dataset: CocoDetection | None = None
-        self.val_dataset: CocoDetection | None = None
+        self.train_dataset: CocoDataset | None = None
+        self.val_dataset: CocoDataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
         """Open (check and decode) the splits ``stage`` needs, once."""
-        hp = self.hparams
+        settings = self.hparams
         if stage in (None, "fit") and self.train_dataset is None:
-            transforms = build_transforms(hp.augment_policy) if hp.augment else None
-            self.train_dataset = CocoDetection(hp.data_dir, hp.train_split, transforms)
+            transforms = build_transforms(settings.augment_policy) if settings.augment else None
+            self.train_dataset = CocoDataset(settings.data_dir, settings.train_split, transforms)
         if stage in (None, "fit", "validate") and self.val_dataset is None:
-            self.val_dataset = CocoDetection(hp.data_dir, hp.val_split)
+            self.val_dataset = CocoDataset(settings.data_dir, settings.val_split)
 
     def train_dataloader(self) -> DataLoader:
         dataset = self._opened(self.train_dataset, "train")
@@ -125,7 +125,7 @@ class CocoDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._loader(self._opened(self.val_dataset, "val"), shuffle=False, rank=0)
 
-    def _loader(self, dataset: CocoDetection, *, shuffle: bool, rank: int) -> DataLoader:
+    def _loader(self, dataset: CocoDataset, *, shuffle: bool, rank: int) -> DataLoader:
         workers = self.hparams.num_workers
         return DataLoader(
             dataset,
@@ -142,7 +142,7 @@ class CocoDataModule(L.LightningDataModule):
         )
 
     @staticmethod
-    def _opened(dataset: CocoDetection | None, name: str) -> CocoDetection:
+    def _opened(dataset: CocoDataset | None, name: str) -> CocoDataset:
         if dataset is None:
             raise RuntimeError(f"call setup() before the {name} dataloader")
         return dataset

@@ -1,8 +1,10 @@
-"""``python -m coorddet.evaluate`` / ``coorddet-evaluate``: score checkpoints, compare, report.
+"""``evaluate(...)``: score checkpoints (and outside detections) on a dataset, compare, report.
 
-    python -m coorddet.evaluate --data DIR --split test CKPT [CKPT ...] --out REPORT_DIR
+    from coorddet.evaluate import evaluate
+    evaluate(data="data/demo", split="test", out="reports/demo", checkpoints=[...])
 
-writes into ``REPORT_DIR`` (built in a hidden sibling folder and moved into place whole; one
+is what ``python -m coorddet.evaluate`` (:mod:`coorddet.cli.evaluate`, flags of the same names)
+runs. It writes into ``out`` (built in a hidden sibling folder and moved into place whole; one
 process at a time, see :func:`coorddet.locking.hold_folder`):
 
 - ``metrics.json``: ``{run_name: {metric: value}}`` (``null`` where undefined);
@@ -13,10 +15,13 @@ process at a time, see :func:`coorddet.locking.hold_folder`):
 
 Run names come from each checkpoint's config (``baseline``, ``coordconv``); clashing names get
 the seed appended (``baseline-s1``), then a counter. The baseline is the first checkpoint
-without CoordConv. ``--predictions FILE --name NAME`` adds detections from any other detector in
-the COCO results format; images it has no detections for count as misses.
+without CoordConv. ``predictions=[(NAME, FILE)]`` (``--predictions FILE --name NAME``) adds
+detections from any other detector in the COCO results format; images it has no detections
+for count as misses.
 
-Cheap checks (flags, paths, JSON) run before torch is imported, so mistakes fail fast.
+User mistakes raise :class:`coorddet.errors.UserError`, named by the command-line flag that
+sets the value (``--out``, ``--predictions``, ...). Cheap checks (paths, JSON) run before
+torch is imported, so mistakes fail fast.
 """
 
 from __future__ import annotations
@@ -26,87 +31,35 @@ import math
 import re
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from coorddet.cli import ArgumentParser, run
 from coorddet.config import EvalConfig
+from coorddet.dataset_layout import require_dataset
 from coorddet.errors import UserError
-from coorddet.fileio import write_text_atomic
+from coorddet.fileio import write_json_atomic, write_text_atomic
 from coorddet.locking import hold_folder
+from coorddet.validate import check_int, check_number
 
 PLOT_SAMPLES = 6  # canvases drawn in detections.png
 PLOTS = ("detections.png", "iou_distribution.png")
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")  # run names become file names
-DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
-def parse_args(argv: Sequence[str] | None) -> Any:
-    defaults = EvalConfig()
-    parser = ArgumentParser(
-        prog="python -m coorddet.evaluate",
-        description="Evaluate coorddet checkpoints (and outside detections) on a data_gen "
-        "dataset: IOU metrics and COCO mAP, a report comparing CoordConv with the baseline, "
-        "and plots.",
-    )
-    add = parser.add_argument
-    add("checkpoints", nargs="*", metavar="CKPT", help="checkpoints written by train.py")
-    add("--data", default="data/mnist-det", metavar="DIR", help="dataset (default: %(default)s)")
-    add("--split", default="test", help="split to score (default: %(default)s)")
-    add("--out", default="reports/latest", metavar="REPORT_DIR", help="report folder "
-        "(default: %(default)s)")  # fmt: skip
-    add("--predictions", action="append", default=[], metavar="FILE.json",
-        help="detections of another detector, COCO results format (repeatable)")  # fmt: skip
-    add("--name", action="append", default=[], help="run name for each --predictions file")
-    add("--group", action="store_true", help="aggregate runs with the same name (seeds) into "
-        "mean, std and a 95%% confidence interval")  # fmt: skip
-    add("--batch-size", type=int, default=64, help="images per inference batch (default: 64)")
-    add("--device", default="auto", help="cpu, cuda, cuda:1, mps, or auto (default: %(default)s)")
-    add("--score-thresh", type=float, default=defaults.score_thresh,
-        help="detections counted by det_iou and gt_iou (default: %(default)s)")  # fmt: skip
-    add("--rpn-top-k", type=int, default=defaults.rpn_top_k,
-        help="RPN proposals per image for rpn_iou (default: %(default)s, the paper's)")  # fmt: skip
-    add("--rpn-nms-iou", type=float, default=defaults.rpn_nms_iou,
-        help="NMS IoU for those proposals (default: %(default)s, the paper's)")  # fmt: skip
-    add("--trust-checkpoint", action="store_true", help="allow checkpoints that hold Python "
-        "objects (can run code when loaded); only for files you trust")  # fmt: skip
-    add("--overwrite", action="store_true", help="replace a non-empty REPORT_DIR")
-    add("--quiet", action="store_true", help="no progress bar or timing lines")
-    args = parser.parse_args(argv)
-    if not args.checkpoints and not args.predictions:
-        parser.error("give at least one CKPT or --predictions FILE.json")
-    if len(args.name) != len(args.predictions):
-        parser.error("give one --name for each --predictions file")
-    for name in args.name:
-        if not NAME_PATTERN.fullmatch(name):
-            parser.error(f"--name {name!r}: use letters, digits and . _ + - (it names a file)")
-    for flag, value in (("--batch-size", args.batch_size), ("--rpn-top-k", args.rpn_top_k)):
-        if value < 1:
-            parser.error(f"{flag} must be >= 1, got {value}")
-    if not 0.0 <= args.score_thresh <= 1.0:
-        parser.error(f"--score-thresh must be in [0, 1], got {args.score_thresh}")
-    if not 0.0 < args.rpn_nms_iou <= 1.0:
-        parser.error(f"--rpn-nms-iou must be in (0, 1], got {args.rpn_nms_iou}")
-    if not DEVICE_PATTERN.fullmatch(args.device):
-        parser.error(f"--device {args.device!r}: expected cpu, cuda, cuda:N, mps or auto")
-    return args
-
-
-def _check_out(args: Any) -> Path:
+def _check_out(out: Path, *, overwrite: bool, inputs: Sequence[str | Path]) -> Path:
     """The report folder, if it may be written: never a file, never a folder holding inputs."""
-    out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a report folder; choose another --out")
     here = Path.cwd().resolve()
     if out.is_dir() and out.resolve() in [here, *here.parents]:  # it is replaced, not filled
         raise UserError(f"--out {out} is or holds the current folder; name a new report folder")
     if out.is_dir() and any(out.iterdir()):
-        if not args.overwrite:
+        if not overwrite:
             raise UserError(
                 f"report folder {out} exists and is not empty; pass --overwrite or --out"
             )
         resolved = out.resolve()
-        for source in [args.data, *args.checkpoints, *args.predictions]:
+        for source in inputs:
             path = Path(source).resolve()
             if path == resolved or resolved in path.parents:
                 raise UserError(
@@ -115,7 +68,7 @@ def _check_out(args: Any) -> Path:
     return out
 
 
-def _read_predictions_json(path: str) -> Any:
+def _read_predictions_json(path: str | Path) -> Any:
     try:
         with open(path, "rb") as handle:
             return json.load(handle)
@@ -125,10 +78,10 @@ def _read_predictions_json(path: str) -> Any:
         raise UserError(f"--predictions {path}: not valid JSON ({error})") from None
 
 
-def _outside_records(results: Any, path: str, dataset: Any) -> list[Any]:
+def _outside_records(results: Any, path: str | Path, dataset: Any) -> list[Any]:
     """COCO results (parsed JSON) -> records; UserError naming the file for a malformed entry,
     or an image or category id that ``dataset`` does not have."""
-    from coorddet.metrics import records_from_coco_results
+    from coorddet.predictions import records_from_coco_results
 
     try:
         records = records_from_coco_results(results)
@@ -153,18 +106,10 @@ def _listing(values: Sequence[Any], limit: int = 10) -> str:
     return shown + (f", ... ({len(values)} in all)" if len(values) > limit else "")
 
 
-def _open_dataset(data: str, split: str) -> Any:
-    from coorddet.data import CocoDetection, annotation_file
+def _open_dataset(root: Path, split: str) -> Any:
+    from coorddet.data import CocoDataset
 
-    root = Path(data)
-    if root.is_dir() and not annotation_file(root, split).is_file():
-        found = sorted(p.stem.removeprefix("instances_") for p in root.glob("annotations/*.json"))
-        if found:
-            raise UserError(
-                f"--split {split}: {root} has no annotations/instances_{split}.json "
-                f"(splits there: {', '.join(found)})"
-            )
-    return CocoDetection(root, split)
+    return CocoDataset(root, split)
 
 
 def _device(text: str) -> Any:
@@ -182,7 +127,17 @@ def _device(text: str) -> Any:
     return device
 
 
-def _predict(model: Any, dataset: Any, args: Any, device: Any, label: str) -> list[Any]:
+def _predict(
+    model: Any,
+    dataset: Any,
+    device: Any,
+    label: str,
+    *,
+    batch_size: int,
+    rpn_top_k: int,
+    rpn_nms_iou: float,
+    quiet: bool,
+) -> list[Any]:
     """Records (detections + paper proposals) for every image of ``dataset``."""
     import torch
     from rich.console import Console
@@ -190,14 +145,14 @@ def _predict(model: Any, dataset: Any, args: Any, device: Any, label: str) -> li
     from torch.utils.data import DataLoader
 
     from coorddet.data import collate_detection
-    from coorddet.metrics import predict_with_proposals
+    from coorddet.inference import predict_with_proposals
 
-    loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate_detection)
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_detection)
     model.to(device)
     records = []
     started = time.perf_counter()
     console = Console(stderr=True)  # stdout keeps only the results; no bar in CI logs
-    bar = Progress(console=console, disable=args.quiet or not console.is_terminal, transient=True)
+    bar = Progress(console=console, disable=quiet or not console.is_terminal, transient=True)
     with bar as progress, torch.inference_mode():
         task = progress.add_task(f"{label}: inference", total=len(dataset))
         for images, targets in loader:
@@ -205,14 +160,14 @@ def _predict(model: Any, dataset: Any, args: Any, device: Any, label: str) -> li
                 model,
                 [image.to(device) for image in images],
                 image_ids=[int(t["image_id"]) for t in targets],
-                top_k=args.rpn_top_k,
-                nms_iou=args.rpn_nms_iou,
+                top_k=rpn_top_k,
+                nms_iou=rpn_nms_iou,
             )
             progress.advance(task, len(images))
     seconds = time.perf_counter() - started
-    if not args.quiet:
+    if not quiet:
         print(f"{label}: {len(dataset)} images in {seconds:.1f} s "
-              f"({len(dataset) / seconds:.1f} img/s, batch {args.batch_size}, {device})")  # fmt: skip
+              f"({len(dataset) / seconds:.1f} img/s, batch {batch_size}, {device})")  # fmt: skip
     return records
 
 
@@ -225,159 +180,174 @@ def _json_ready(metrics: dict[str, float]) -> dict[str, float | None]:
     return {k: None if v is None or math.isnan(v) else float(v) for k, v in metrics.items()}
 
 
-def evaluate(args: Any) -> tuple[Path, dict[str, Any]]:
-    """Score every checkpoint and predictions file, write the report.
+@dataclass(frozen=True)
+class EvaluationResult:
+    """What :func:`evaluate` wrote, for a summary: ``metrics`` is ``metrics.json``'s content."""
 
-    Returns the report folder and ``{"metrics", "baseline", "compared", "groups",
-    "group_baseline"}`` for the console summary.
+    out: Path
+    metrics: dict[str, dict[str, float | None]]
+    baseline: str | None  # the first checkpoint without CoordConv
+    compared: list[str]  # every other run
+    groups: dict[str, Any] | None  # groups.json's content (group=True)
+    group_baseline: str | None
+
+
+def evaluate(
+    *,
+    data: str | Path,
+    out: str | Path,
+    split: str = "test",
+    checkpoints: Sequence[str | Path] = (),
+    predictions: Sequence[tuple[str, str | Path]] = (),
+    group: bool = False,
+    batch_size: int = 64,
+    device: str = "auto",
+    score_thresh: float = EvalConfig.score_thresh,
+    rpn_top_k: int = EvalConfig.rpn_top_k,
+    rpn_nms_iou: float = EvalConfig.rpn_nms_iou,
+    trust_checkpoint: bool = False,
+    overwrite: bool = False,
+    quiet: bool = False,
+) -> EvaluationResult:
+    """Score every checkpoint and predictions file on ``data``'s ``split``; write the report.
+
+    Args:
+        data, split: the dataset folder and the split scored.
+        out: the report folder; refused if it exists, is not empty and not ``overwrite``.
+        checkpoints: ``train.py`` checkpoints (``best.ckpt``, ``last.ckpt``).
+        predictions: ``(name, file)`` pairs: another detector's COCO results files.
+        group: aggregate runs of the same name (seeds) into mean, std and a 95% CI.
+        batch_size, device: inference (``"auto"``: CUDA when there is one).
+        score_thresh, rpn_top_k, rpn_nms_iou: the metric settings (:class:`EvalConfig`).
+        trust_checkpoint: allow checkpoints that hold Python objects (can run code).
+        quiet: no progress bar or timing lines.
+
+    The folder ``out`` is held (:func:`coorddet.locking.hold_folder`) while it is written.
     """
-    out = _check_out(args)
-    outside = [_read_predictions_json(path) for path in args.predictions]
-    for path in args.checkpoints:
-        if not Path(path).is_file():
-            raise UserError(f"checkpoint not found: {path}")
-    if not Path(args.data).is_dir():
-        raise UserError(
-            f"--data {args.data}: dataset folder not found; create one with "
-            f"`python -m data_gen --out {args.data}`"
-        )
+    check_int("batch_size", batch_size, error=UserError)
+    check_int("rpn_top_k", rpn_top_k, error=UserError)
+    check_number("score_thresh", score_thresh, 0.0, 1.0, error=UserError)
+    check_number("rpn_nms_iou", rpn_nms_iou, 1e-9, 1.0, error=UserError)
+    out, data = Path(out), Path(data)
+    with hold_folder(out):
+        paths = [path for _, path in predictions]
+        _check_out(out, overwrite=overwrite, inputs=[data, *checkpoints, *paths])
+        outside = [_read_predictions_json(path) for path in paths]
+        for path in checkpoints:
+            if not Path(path).is_file():
+                raise UserError(f"checkpoint not found: {path}")
+        require_dataset(data, [split], flag="--data")
 
-    from coorddet.checkpoint import load_checkpoint
+        from coorddet.checkpoint import load_checkpoint
 
-    device = _device(args.device)
-    loaded = [load_checkpoint(path, trust=args.trust_checkpoint) for path in args.checkpoints]
+        torch_device = _device(device)
+        loaded = [load_checkpoint(path, trust=trust_checkpoint) for path in checkpoints]
 
-    from coorddet.metrics import evaluate_records, ground_truth, per_gt_ious, to_coco_results
-    from coorddet.models import is_rpn_only
-    from coorddet.plots import plot_detections, plot_iou_distribution
-    from coorddet.report import aggregate_groups, render_report, staged_dir, write_json
+        from coorddet.metrics import evaluate_records, ground_truth, per_gt_ious
+        from coorddet.models import is_rpn_only
+        from coorddet.plots import plot_detections, plot_iou_distribution
+        from coorddet.predictions import ImagePrediction, to_coco_results
+        from coorddet.report import aggregate_groups, render_report, staged_dir
 
-    dataset = _open_dataset(args.data, args.split)
-    for checkpoint in loaded:
-        checkpoint.check_categories(dataset.categories, f"{dataset.root} split {dataset.split}")
-    outside_records = [
-        _outside_records(results, path, dataset)
-        for results, path in zip(outside, args.predictions, strict=True)
-    ]
+        dataset = _open_dataset(data, split)
+        for checkpoint in loaded:
+            checkpoint.check_categories(dataset.categories, f"{dataset.root} split {dataset.split}")
+        outside_records = [
+            _outside_records(results, path, dataset)
+            for results, path in zip(outside, paths, strict=True)
+        ]
 
-    runs: dict[str, list[Any]] = {}
-    sources: dict[str, str] = {}
-    groups: dict[str, list[str]] = {}
-    proposals_only: set[str] = set()  # RPN-only detectors: rpn_iou alone, detection metrics null
-    baseline = None
-    sizes = {(image["width"], image["height"]) for image in dataset.coco.imgs.values()}
-    for checkpoint in loaded:
-        group = re.sub(r"[^A-Za-z0-9._+-]+", "_", checkpoint.name).lstrip("._-") or "run"
-        name = _unique_name(group, checkpoint.seed, list(runs))
-        model = checkpoint.build_model()
-        if is_rpn_only(model):
-            proposals_only.add(name)
-        runs[name] = _predict(model, dataset, args, device, name)
-        sources[name] = f"`{checkpoint.path}` ({checkpoint.describe(sizes)})"
-        groups.setdefault(group, []).append(name)
-        if baseline is None and not checkpoint.coordconv:
-            baseline = name
-    for records, path, given in zip(outside_records, args.predictions, args.name, strict=True):
-        name = _unique_name(given, None, list(runs))
-        runs[name] = records
-        sources[name] = f"`{path}` (outside predictions)"
-        groups.setdefault(given, []).append(name)
+        runs: dict[str, list[Any]] = {}
+        sources: dict[str, str] = {}
+        groups: dict[str, list[str]] = {}
+        proposals_only: set[str] = set()  # RPN-only: rpn_iou alone, detection metrics null
+        baseline = None
+        sizes = {(image["width"], image["height"]) for image in dataset.coco.imgs.values()}
+        for checkpoint in loaded:
+            group_name = re.sub(r"[^A-Za-z0-9._+-]+", "_", checkpoint.name).lstrip("._-") or "run"
+            name = _unique_name(group_name, checkpoint.seed, list(runs))
+            model = checkpoint.build_model()
+            if is_rpn_only(model):
+                proposals_only.add(name)
+            runs[name] = _predict(
+                model, dataset, torch_device, name, batch_size=batch_size, rpn_top_k=rpn_top_k,
+                rpn_nms_iou=rpn_nms_iou, quiet=quiet,
+            )  # fmt: skip
+            sources[name] = f"`{checkpoint.path}` ({checkpoint.describe(sizes)})"
+            groups.setdefault(group_name, []).append(name)
+            if baseline is None and not checkpoint.coordconv:
+                baseline = name
+        for records, (given, path) in zip(outside_records, predictions, strict=True):
+            name = _unique_name(given, None, list(runs))
+            runs[name] = records
+            sources[name] = f"`{path}` (outside predictions)"
+            groups.setdefault(given, []).append(name)
 
-    ids = dataset.image_ids
-    gts = ground_truth(dataset.coco, ids)
-    metrics = {
-        name: _json_ready(
-            evaluate_records(
-                dataset.coco,
-                records,
-                image_ids=ids,
-                score_thresh=args.score_thresh,
-                detections=name not in proposals_only,
+        ids = dataset.image_ids
+        gts = ground_truth(dataset.coco, ids)
+        metrics = {
+            name: _json_ready(
+                evaluate_records(
+                    dataset.coco,
+                    records,
+                    image_ids=ids,
+                    score_thresh=score_thresh,
+                    detections=name not in proposals_only,
+                )
             )
-        )
-        for name, records in runs.items()
-    }
-    aggregated = aggregate_groups(metrics, groups) if args.group else None
-    group_baseline = next((g for g, names in groups.items() if baseline in names), None)
-    compared = [name for name in runs if name != baseline]
+            for name, records in runs.items()
+        }
+        aggregated = aggregate_groups(metrics, groups) if group else None
+        group_baseline = next((g for g, names in groups.items() if baseline in names), None)
+        compared = [name for name in runs if name != baseline]
 
-    with staged_dir(out) as tmp:
-        write_json(tmp / "metrics.json", metrics)
-        for name, records in runs.items():
-            write_json(tmp / f"predictions_{name}.json", to_coco_results(records))
-        if aggregated is not None:
-            write_json(tmp / "groups.json", aggregated)
-        sample = ids[:: max(len(ids) // PLOT_SAMPLES, 1)][:PLOT_SAMPLES]
-        index = {image_id: i for i, image_id in enumerate(ids)}
-        by_id = {name: {r.image_id: r for r in records} for name, records in runs.items()}
-        plot_detections(
-            [(dataset[index[i]][0][0] * 255).round().byte().numpy() for i in sample],
-            [gts[i] for i in sample],
-            {n: [by_id[n].get(i) or _no_detections(i) for i in sample] for n in runs},
-            tmp / PLOTS[0],
-            score_thresh=args.score_thresh,
-            categories={int(c["id"]): str(c["name"]) for c in dataset.categories},
-        )
-        plot_iou_distribution(
-            {
-                name: per_gt_ious(records, gts, score_thresh=args.score_thresh).numpy()
-                for name, records in runs.items()
-            },
-            tmp / PLOTS[1],
-        )
-        report = render_report(
-            runs=metrics,
-            baseline=baseline,
-            compared=compared,
-            sources=sources,
-            data=str(args.data),
-            split=args.split,
-            settings={
-                "score_thresh": args.score_thresh,
-                "rpn_top_k": args.rpn_top_k,
-                "rpn_nms_iou": args.rpn_nms_iou,
-            },
-            groups=aggregated,
-            group_baseline=group_baseline,
-            plots=PLOTS,
-        )
-        write_text_atomic(tmp / "report.md", report)
-    summary = {"metrics": metrics, "baseline": baseline, "compared": compared}
-    return out, {**summary, "groups": aggregated, "group_baseline": group_baseline}
-
-
-def _no_detections(image_id: int) -> Any:
-    """An empty record, for an image an outside detector found nothing in."""
-    import torch
-
-    from coorddet.metrics import ImagePrediction
-
-    return ImagePrediction(
-        image_id, torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.int64)
-    )
+        with staged_dir(out) as tmp:
+            write_json_atomic(tmp / "metrics.json", metrics, allow_nan=False)
+            for name, records in runs.items():
+                write_json_atomic(
+                    tmp / f"predictions_{name}.json", to_coco_results(records), allow_nan=False
+                )
+            if aggregated is not None:
+                write_json_atomic(tmp / "groups.json", aggregated, allow_nan=False)
+            sample = ids[:: max(len(ids) // PLOT_SAMPLES, 1)][:PLOT_SAMPLES]
+            index = {image_id: i for i, image_id in enumerate(ids)}
+            by_id = {name: {r.image_id: r for r in records} for name, records in runs.items()}
+            plot_detections(
+                [(dataset[index[i]][0][0] * 255).round().byte().numpy() for i in sample],
+                [gts[i] for i in sample],
+                {n: [by_id[n].get(i) or ImagePrediction.empty(i) for i in sample] for n in runs},
+                tmp / PLOTS[0],
+                score_thresh=score_thresh,
+                categories={int(c["id"]): str(c["name"]) for c in dataset.categories},
+            )
+            plot_iou_distribution(
+                {
+                    name: per_gt_ious(records, gts, score_thresh=score_thresh).numpy()
+                    for name, records in runs.items()
+                },
+                tmp / PLOTS[1],
+            )
+            report = render_report(
+                runs=metrics,
+                baseline=baseline,
+                compared=compared,
+                sources=sources,
+                data=str(data),
+                split=split,
+                settings={
+                    "score_thresh": score_thresh,
+                    "rpn_top_k": rpn_top_k,
+                    "rpn_nms_iou": rpn_nms_iou,
+                },
+                groups=aggregated,
+                group_baseline=group_baseline,
+                plots=PLOTS,
+            )
+            write_text_atomic(tmp / "report.md", report)
+        return EvaluationResult(out, metrics, baseline, compared, aggregated, group_baseline)
 
 
-def main_unsafe(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    with hold_folder(args.out):
-        out, summary = evaluate(args)
+if __name__ == "__main__":  # python -m coorddet.evaluate: the command line
+    from coorddet.cli.evaluate import main
 
-    from coorddet.report import group_table, metrics_table
-
-    lines = metrics_table(summary["metrics"], summary["baseline"], summary["compared"])
-    if summary["groups"]:
-        lines += ["", "seeds aggregated: mean ± std [95% CI] (n)"]
-        lines += group_table(summary["groups"], summary["group_baseline"])
-    print("\n".join(lines))
-    print(f"\nreport:  {out / 'report.md'}")
-    print(f"plots:   {', '.join(str(out / plot) for plot in PLOTS)}")
-    print(f"metrics: {out / 'metrics.json'}")
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    return run(main_unsafe, argv)
-
-
-if __name__ == "__main__":
     raise SystemExit(main())

@@ -3,7 +3,7 @@
 Every writer here writes once, into the hidden temp file ``.NAME.tmp`` beside the target (same
 folder, so same disk: no second copy), then renames it over the target. On any failure the temp
 file is removed, the target is left as it was, and an ``OSError`` names the target: the one
-line :func:`coorddet.cli.run` prints (``error: cannot write FILE: No space left on device``).
+line :func:`coorddet.cli.report_errors` prints (``error: cannot write FILE: No space left on device``).
 """
 
 from __future__ import annotations
@@ -72,9 +72,10 @@ def write_text_atomic(path: Path, text: str) -> None:
     write_atomic(path, lambda file: file.write(text.encode()))
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """``data`` as indented JSON, written atomically."""
-    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+def write_json_atomic(path: Path, data: Any, *, allow_nan: bool = True) -> None:
+    """``data`` as indented JSON, written atomically. ``allow_nan=False``: a NaN or infinity
+    raises ``ValueError`` (write ``None``, JSON's ``null``, for undefined values)."""
+    write_text_atomic(path, json.dumps(data, indent=2, allow_nan=allow_nan) + "\n")
 
 
 def write_csv_atomic(path: Path, fieldnames: list[str], rows: Iterable[dict[str, Any]]) -> None:

@@ -26,7 +26,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
-from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.image_list import ImageList
 
 from coorddet.coordconv import CoordConv2d
@@ -100,7 +100,7 @@ def check_sites(sites: Iterable[str] | str) -> list[str]:
     return site_list
 
 
-def site_modules(model: FasterRCNN, site: str) -> list[str]:
+def site_modules(model: GeneralizedRCNN, site: str) -> list[str]:
     """Qualified names of the convs (plain or already CoordConv) at ``site``, model order."""
     if site not in SITES:
         raise ValueError(f"unknown CoordConv site {site!r}; valid sites: {', '.join(SITES)}")
@@ -119,7 +119,7 @@ def site_modules(model: FasterRCNN, site: str) -> list[str]:
     return _conv_names(modules, "roi_heads.box_head")
 
 
-def _shared_extent(model: FasterRCNN) -> Tensor:
+def _shared_extent(model: GeneralizedRCNN) -> Tensor:
     """The model's extent tensor, creating it and registering both hooks on first use."""
     transform, roi_heads = model.transform, model.roi_heads
     extent = getattr(transform, EXTENT_ATTRIBUTE, None)
@@ -136,7 +136,7 @@ def _shared_extent(model: FasterRCNN) -> Tensor:
 
 
 def inject_coordconv(
-    model: FasterRCNN, sites: Iterable[str] | str = DEFAULT_SITES, with_r: bool = False
+    model: GeneralizedRCNN, sites: Iterable[str] | str = DEFAULT_SITES, with_r: bool = False
 ) -> list[str]:
     """Replace the ``nn.Conv2d`` modules at ``sites`` with ``CoordConv2d.from_conv`` copies.
 

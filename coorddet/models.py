@@ -5,33 +5,47 @@ format: ``boxes`` (K, 4) xyxy in pixels, ``labels`` (K,) int64 with 0 the backgr
 
 Every argument is a plain value (str, int, float, bool, list) so a config's ``model:`` section
 maps one-to-one onto ``build_model``'s keyword arguments and can be stored in checkpoints.
-``build_model(coordconv=True)`` is the baseline build followed by
-:func:`coorddet.inject.inject_coordconv`, so under the same seed both arms start from the same
-weights everywhere except the (zero) coordinate weights.
+
+The detector is composed from its parts, as torchvision's ``FasterRCNN`` does, but handed to
+``GeneralizedRCNN`` directly (the class both ``FasterRCNN`` and the RPN-only detector are):
+torchvision's ``FasterRCNN`` constructor builds its own transform, RPN and RoI heads and
+accepts only a ``MultiScaleRoIAlign`` pooler, and each part here differs from its default:
+
+- the transform is :class:`GrayscaleTransform` (1-channel canvases into 3-channel backbones);
+- the RPN and RoI heads are :mod:`coorddet.inference`'s batched subclasses (the same outputs);
+- the pooler is :class:`coorddet.poolers.MatmulRoIAlign` or ``SingleMapRoIPool``.
+
+Parts that ``FasterRCNN`` would have set by default (IoU thresholds, sampler fractions, NMS)
+take its default values, named in :data:`FASTER_RCNN_DEFAULTS`. Nothing is swapped after
+construction, except CoordConv itself: ``build_model(coordconv=True)`` is the baseline build
+followed by :func:`coorddet.inject.inject_coordconv`, so under the same seed both arms start
+from the same weights everywhere except the (zero) coordinate weights.
 """
 
 from __future__ import annotations
 
-import os
-from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torchvision.models import MobileNet_V3_Large_Weights, ResNet50_Weights, WeightsEnum
-from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.backbone_utils import mobilenet_backbone, resnet_fpn_backbone
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
+from torchvision.ops import MultiScaleRoIAlign
 
+from coorddet.backbones import (
+    BACKBONE_INITS,
+    BACKBONE_SPECS,
+    BACKBONES,
+    PADDINGS,
+    BackboneSpec,
+    build_backbone,
+)
+from coorddet.inference import BatchedRegionProposalNetwork, BatchedRoIHeads
 from coorddet.inject import DEFAULT_SITES, check_sites, inject_coordconv
 from coorddet.poolers import ChannelsLastTwoMLPHead, MatmulRoIAlign, SingleMapRoIPool
-from coorddet.postprocess import BatchedRegionProposalNetwork, batch_postprocessing
 from coorddet.released import (
     ANCHOR_LAYOUTS,
     TEMPLATES,
@@ -39,79 +53,22 @@ from coorddet.released import (
     ReceptiveFieldAnchors,
     ReleasedRegionProposalNetwork,
     ReleasedRPNHead,
-    he_normal_,
     receptive_field_centres,
 )
+from coorddet.validate import check_choice, check_int, check_number
 
 ROI_POOLS = ("align", "align-torchvision", "pool")
 DETECTORS = ("faster-rcnn", "rpn-only")
 RPNS = ("torchvision", "released")
-PADDINGS = ("same", "valid")
-BACKBONE_INITS = ("default", "he-normal")
+__all__ = ["BACKBONES", "GrayscaleTransform", "build_model", "is_rpn_only"]
 
-
-@dataclass(frozen=True)
-class _Backbone:
-    feature_maps: int  # how many maps the backbone returns
-    roi_maps: tuple[str, ...]  # the maps RoIs are pooled from (absent names are skipped)
-    image_mean: tuple[float, ...]  # one value per input channel the backbone takes
-    image_std: tuple[float, ...]
-    anchor_sizes: tuple  # pixels: one tuple for every map, or one tuple per map
-    weights: WeightsEnum | None  # ImageNet weights for pretrained=True
-
-
-_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-# Digits are 15-25 px (median box side ~17 px, smaller where the border cuts them), so anchor
-# sizes 12-24 px; resnet50-fpn: one size per FPN level (strides 4 .. 64) as torchvision does.
-# mnist-small's mean/std: the default data_gen canvases (mostly black, ~2.4 digits each).
-_BACKBONES = {
-    "mnist-small": _Backbone(1, ("0",), (0.06,), (0.21,), (12, 18, 24), None),
-    "resnet50-fpn": _Backbone(
-        5,
-        ("0", "1", "2", "3"),
-        _IMAGENET_MEAN,
-        _IMAGENET_STD,
-        ((12,), (18,), (24,), (36,), (48,)),
-        ResNet50_Weights.IMAGENET1K_V1,
-    ),
-    "mobilenet-v3-fpn": _Backbone(
-        3,
-        ("0", "1", "2", "3"),
-        _IMAGENET_MEAN,
-        _IMAGENET_STD,
-        (12, 18, 24),
-        MobileNet_V3_Large_Weights.IMAGENET1K_V1,
-    ),
-}
-BACKBONES = tuple(_BACKBONES)
-
-
-class MnistSmallBackbone(nn.Module):
-    """The paper's small net for 64x64 grayscale canvases: (N, 1, H, W) -> (N, 64, H/4, W/4).
-
-    ``body``: conv1 (5x5, 32) -> relu1 -> pool1 (2x2) -> conv2 (5x5, 64) -> relu2 -> pool2, so
-    the stem is ``body.conv1`` like torchvision's ResNets. One feature map, stride 4.
-    ``padding="valid"`` (the released code's default) gives a 13x13 map for 64x64 canvases.
-    """
-
-    def __init__(
-        self, in_channels: int = 1, widths: Sequence[int] = (32, 64), padding: str = "same"
-    ) -> None:
-        super().__init__()
-        layers: OrderedDict[str, nn.Module] = OrderedDict()
-        channels = in_channels
-        for index, width in enumerate(widths, start=1):
-            layers[f"conv{index}"] = nn.Conv2d(
-                channels, width, kernel_size=5, padding=2 if padding == "same" else 0
-            )
-            layers[f"relu{index}"] = nn.ReLU(inplace=True)
-            layers[f"pool{index}"] = nn.MaxPool2d(2)
-            channels = width
-        self.body = nn.Sequential(layers)
-        self.out_channels = channels
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.body(x)
+# torchvision's FasterRCNN constructor defaults for the settings build_model does not expose.
+FASTER_RCNN_DEFAULTS = {
+    "rpn": {"fg_iou_thresh": 0.7, "bg_iou_thresh": 0.3, "positive_fraction": 0.5,
+            "nms_thresh": 0.7, "score_thresh": 0.0},
+    "roi_heads": {"fg_iou_thresh": 0.5, "bg_iou_thresh": 0.5, "positive_fraction": 0.25,
+                  "bbox_reg_weights": None, "nms_thresh": 0.5},
+}  # fmt: skip
 
 
 class GrayscaleTransform(GeneralizedRCNNTransform):
@@ -133,26 +90,8 @@ class GrayscaleTransform(GeneralizedRCNNTransform):
         return (image - mean[:, None, None]) / std[:, None, None]
 
 
-def _choice(name: str, value: object, valid: Sequence[object]) -> None:
-    if value not in valid:
-        raise ValueError(
-            f"{name}={value!r} is not valid; valid values: {', '.join(map(str, valid))}"
-        )
-
-
-def _integer(name: str, value: object, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}={value!r} is not valid; expected an integer >= {minimum}")
-
-
-def _number(name: str, value: object, low: float, high: float = float("inf")) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        raise ValueError(f"{name}={value!r} is not valid; expected a number in [{low}, {high}]")
-    return float(value)
-
-
 def _anchor_generator(
-    name: str, spec: _Backbone, anchor_sizes: Sequence | None, aspect_ratios: Sequence[float]
+    name: str, spec: BackboneSpec, anchor_sizes: Sequence | None, aspect_ratios: Sequence[float]
 ) -> AnchorGenerator:
     sizes = list(spec.anchor_sizes if anchor_sizes is None else anchor_sizes)
     maps = spec.feature_maps
@@ -168,95 +107,75 @@ def _anchor_generator(
     if not per_map[0]:
         raise ValueError("anchor_sizes=[] is not valid; give sizes in pixels, e.g. [12, 18, 24]")
     for size in (size for level in per_map for size in level):
-        _integer("anchor_sizes", size)
+        check_int("anchor_sizes", size)
     if not aspect_ratios:
         raise ValueError(
             "aspect_ratios=[] is not valid; give height/width ratios, e.g. [0.5, 1, 2]"
         )
-    ratios = tuple(_number("aspect_ratios", ratio, 1e-3) for ratio in aspect_ratios)
+    ratios = tuple(check_number("aspect_ratios", ratio, 1e-3) for ratio in aspect_ratios)
     return AnchorGenerator(tuple(per_map), (ratios,) * maps)
 
 
-def _pretrained_weights(name: str, spec: _Backbone) -> WeightsEnum:
-    """The backbone's ImageNet weights, if their file is in the local torch hub cache."""
-    if spec.weights is None:
-        valid = [backbone for backbone, other in _BACKBONES.items() if other.weights is not None]
-        raise ValueError(
-            f"pretrained=True is not valid for backbone={name!r}, which has no pretrained "
-            f"weights; backbones with pretrained weights: {', '.join(valid)}"
-        )
-    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(spec.weights.url))
-    if not os.path.isfile(path):
-        raise ValueError(
-            f"pretrained=True for {name} needs {path} (from {spec.weights.url}); nothing is "
-            "downloaded here: copy the file there, or use pretrained=False"
-        )
-    return spec.weights
-
-
-def _backbone(name: str, spec: _Backbone, pretrained: bool, padding: str, init: str) -> nn.Module:
-    weights = _pretrained_weights(name, spec) if pretrained else None
-    if name == "mnist-small":
-        backbone = MnistSmallBackbone(padding=padding)
-        if init == "he-normal":
-            for module in backbone.modules():
-                if isinstance(module, nn.Conv2d):
-                    he_normal_(module)
-        return backbone
-    # As torchvision's fasterrcnn_* builders do: frozen BN and 3 trainable stages when
-    # fine-tuning ImageNet weights; plain BN and everything trainable from scratch.
-    norm_layer = FrozenBatchNorm2d if pretrained else nn.BatchNorm2d
-    if name == "resnet50-fpn":
-        return resnet_fpn_backbone(
-            backbone_name="resnet50",
-            weights=weights,
-            norm_layer=norm_layer,
-            trainable_layers=3 if pretrained else 5,
-        )
-    return mobilenet_backbone(
-        backbone_name="mobilenet_v3_large",
-        weights=weights,
-        fpn=True,
-        norm_layer=norm_layer,
-        trainable_layers=3 if pretrained else 6,
+def _released_rpn(body: nn.Module, *, anchor_layout: str, padding: str) -> RegionProposalNetwork:
+    """The released code's RPN: its head and 9 templates at receptive-field centres."""
+    first, stride = receptive_field_centres(padding)
+    return ReleasedRegionProposalNetwork(
+        ReceptiveFieldAnchors(first, stride, TEMPLATES, anchor_layout),
+        ReleasedRPNHead(body.out_channels, len(TEMPLATES)),
     )
 
 
-def _rpn_only(
+def _torchvision_rpn(
     body: nn.Module,
     anchors: AnchorGenerator,
     *,
-    rpn: str,
-    anchor_layout: str,
-    padding: str,
-    canvas_size: int,
-    mean: list[float],
-    std: list[float],
     pre_nms_top_n: dict[str, int],
     post_nms_top_n: dict[str, int],
     batch_size_per_image: int,
-) -> GeneralizedRCNN:
-    """torchvision's ``GeneralizedRCNN`` from a backbone, an RPN and :class:`NoRoIHeads`."""
-    if rpn == "released":
-        first, stride = receptive_field_centres(padding)
-        proposer: RegionProposalNetwork = ReleasedRegionProposalNetwork(
-            ReceptiveFieldAnchors(first, stride, TEMPLATES, anchor_layout),
-            ReleasedRPNHead(body.out_channels, len(TEMPLATES)),
-        )
+) -> RegionProposalNetwork:
+    """torchvision's RPN (``RPNHead``, its sampler and losses) with batched post-processing."""
+    return BatchedRegionProposalNetwork(
+        anchors,
+        RPNHead(body.out_channels, anchors.num_anchors_per_location()[0]),
+        batch_size_per_image=batch_size_per_image,
+        pre_nms_top_n=pre_nms_top_n,
+        post_nms_top_n=post_nms_top_n,
+        **FASTER_RCNN_DEFAULTS["rpn"],
+    )
+
+
+def _roi_heads(
+    body: nn.Module,
+    spec: BackboneSpec,
+    *,
+    num_classes: int,
+    roi_pool: str,
+    roi_output_size: int,
+    sampling_ratio: int,
+    box_head_width: int,
+    batch_size_per_image: int,
+    score_thresh: float,
+    detections_per_img: int,
+) -> BatchedRoIHeads:
+    """Faster R-CNN's second stage: RoI pooler, ``TwoMLPHead``, predictor, batched NMS."""
+    roi_maps = list(spec.roi_maps)
+    pooler: nn.Module
+    if roi_pool == "pool":
+        pooler = SingleMapRoIPool(roi_maps[0], roi_output_size)
+    elif roi_pool == "align" and spec.feature_maps == 1:
+        pooler = MatmulRoIAlign(roi_maps, roi_output_size, sampling_ratio)
     else:
-        proposer = BatchedRegionProposalNetwork(
-            anchors,
-            RPNHead(body.out_channels, anchors.num_anchors_per_location()[0]),
-            fg_iou_thresh=0.7,  # torchvision's FasterRCNN defaults
-            bg_iou_thresh=0.3,
-            batch_size_per_image=batch_size_per_image,
-            positive_fraction=0.5,
-            pre_nms_top_n=pre_nms_top_n,
-            post_nms_top_n=post_nms_top_n,
-            nms_thresh=0.7,
-        )
-    transform = GrayscaleTransform(canvas_size, canvas_size, mean, std)
-    return GeneralizedRCNN(body, proposer, NoRoIHeads(), transform)
+        pooler = MultiScaleRoIAlign(roi_maps, roi_output_size, sampling_ratio)
+    box_head = ChannelsLastTwoMLPHead(body.out_channels * roi_output_size**2, box_head_width)
+    return BatchedRoIHeads(
+        pooler,
+        box_head,
+        FastRCNNPredictor(box_head_width, num_classes),
+        batch_size_per_image=batch_size_per_image,
+        score_thresh=score_thresh,
+        detections_per_img=detections_per_img,
+        **FASTER_RCNN_DEFAULTS["roi_heads"],
+    )
 
 
 def is_rpn_only(model: nn.Module) -> bool:
@@ -346,20 +265,19 @@ def build_model(
         ValueError: a bad argument (the message names it and the valid values), or
             ``pretrained=True`` without the weights file in the local cache.
     """
-    _choice("backbone", backbone, BACKBONES)
-    spec = _BACKBONES[backbone]
-    _choice("roi_pool", roi_pool, ROI_POOLS)
-    single_map = spec.feature_maps == 1
-    if roi_pool == "pool" and not single_map:
+    check_choice("backbone", backbone, BACKBONES)
+    spec = BACKBONE_SPECS[backbone]
+    check_choice("roi_pool", roi_pool, ROI_POOLS)
+    if roi_pool == "pool" and spec.feature_maps != 1:
         raise ValueError(f"roi_pool='pool' is not valid for backbone={backbone!r}; use 'align'")
     sites = check_sites(coordconv_sites)  # also when coordconv=False: no silent typos
     if coordconv and not sites:
         raise ValueError("coordconv_sites=[] is not valid with coordconv=True; name sites")
-    _choice("detector", detector, DETECTORS)
-    _choice("rpn", rpn, RPNS)
-    _choice("anchor_layout", anchor_layout, ANCHOR_LAYOUTS)
-    _choice("backbone_padding", backbone_padding, PADDINGS)
-    _choice("backbone_init", backbone_init, BACKBONE_INITS)
+    check_choice("detector", detector, DETECTORS)
+    check_choice("rpn", rpn, RPNS)
+    check_choice("anchor_layout", anchor_layout, ANCHOR_LAYOUTS)
+    check_choice("backbone_padding", backbone_padding, PADDINGS)
+    check_choice("backbone_init", backbone_init, BACKBONE_INITS)
     if rpn == "released" and (detector != "rpn-only" or backbone != "mnist-small"):
         raise ValueError(
             "rpn='released' is the released code's RPN-only detector: it needs "
@@ -374,7 +292,7 @@ def build_model(
             "backbone_padding='valid' needs rpn='released' (torchvision's anchors assume "
             "'same' padding)"
         )
-    _integer("num_classes", num_classes, minimum=2)
+    check_int("num_classes", num_classes, minimum=2)
     for name, value in [
         ("canvas_size", canvas_size),
         ("rpn_pre_nms_top_n_train", rpn_pre_nms_top_n_train),
@@ -387,9 +305,9 @@ def build_model(
         ("roi_output_size", roi_output_size),
         ("box_detections_per_img", box_detections_per_img),
     ]:
-        _integer(name, value)
-    _integer("sampling_ratio", sampling_ratio, minimum=0)  # 0: adaptive, as torchvision
-    _number("box_score_thresh", box_score_thresh, 0.0, 1.0)
+        check_int(name, value)
+    check_int("sampling_ratio", sampling_ratio, minimum=0)  # 0: adaptive, as torchvision
+    check_number("box_score_thresh", box_score_thresh, 0.0, 1.0)
     mean = list(spec.image_mean if image_mean is None else image_mean)
     std = list(spec.image_std if image_std is None else image_std)
     channels = len(spec.image_mean)
@@ -399,57 +317,41 @@ def build_model(
             f"{channels} value(s) each"
         )
     for value in std:
-        _number("image_std", value, 1e-6)
+        check_number("image_std", value, 1e-6)
 
+    # Built in this order (backbone, RPN head, box head, predictor) so that a seed gives the
+    # weights it gave when these parts went through torchvision's FasterRCNN constructor.
     anchors = _anchor_generator(backbone, spec, anchor_sizes, aspect_ratios)
-    body = _backbone(backbone, spec, pretrained, backbone_padding, backbone_init)
-    if detector == "rpn-only":
-        model = _rpn_only(
-            body, anchors, rpn=rpn, anchor_layout=anchor_layout, padding=backbone_padding,
-            canvas_size=canvas_size, mean=mean, std=std,
+    body = build_backbone(
+        backbone, pretrained=pretrained, padding=backbone_padding, init=backbone_init
+    )
+    if rpn == "released":
+        proposer = _released_rpn(body, anchor_layout=anchor_layout, padding=backbone_padding)
+    else:
+        proposer = _torchvision_rpn(
+            body,
+            anchors,
             pre_nms_top_n={"training": rpn_pre_nms_top_n_train, "testing": rpn_pre_nms_top_n_test},
             post_nms_top_n={"training": rpn_post_nms_top_n_train, "testing": rpn_post_nms_top_n_test},
             batch_size_per_image=rpn_batch_size_per_image,
         )  # fmt: skip
-        if coordconv:
-            inject_coordconv(model, sites, with_r=with_r)
-        return model.to(memory_format=torch.channels_last)
-    rpn_head = RPNHead(body.out_channels, anchors.num_anchors_per_location()[0])
-    roi_maps = list(spec.roi_maps)
-    if roi_pool == "align" and single_map:
-        roi_align = MatmulRoIAlign(roi_maps, roi_output_size, sampling_ratio)
+    if detector == "rpn-only":
+        second_stage: nn.Module = NoRoIHeads()
     else:
-        roi_align = MultiScaleRoIAlign(roi_maps, roi_output_size, sampling_ratio)
-    box_head = ChannelsLastTwoMLPHead(body.out_channels * roi_output_size**2, box_head_width)
-    model = FasterRCNN(
-        body,
-        num_classes=None,
-        min_size=canvas_size,
-        max_size=canvas_size,
-        image_mean=mean,
-        image_std=std,
-        rpn_anchor_generator=anchors,
-        rpn_head=rpn_head,
-        rpn_pre_nms_top_n_train=rpn_pre_nms_top_n_train,
-        rpn_pre_nms_top_n_test=rpn_pre_nms_top_n_test,
-        rpn_post_nms_top_n_train=rpn_post_nms_top_n_train,
-        rpn_post_nms_top_n_test=rpn_post_nms_top_n_test,
-        rpn_batch_size_per_image=rpn_batch_size_per_image,
-        box_roi_pool=roi_align,
-        box_head=box_head,
-        box_predictor=FastRCNNPredictor(box_head_width, num_classes),
-        box_batch_size_per_image=box_batch_size_per_image,
-        box_detections_per_img=box_detections_per_img,
-        box_score_thresh=box_score_thresh,
-    )
-    model.transform = GrayscaleTransform(canvas_size, canvas_size, mean, std)
-    # torchvision's proposal filtering and detection post-processing, same outputs, with the
-    # per-image steps batched (~12% faster batch-64 inference): coorddet.postprocess.
-    batch_postprocessing(model)
-    if roi_pool == "pool":
-        # FasterRCNN's constructor only accepts MultiScaleRoIAlign; RoIHeads calls any module
-        # with that signature.
-        model.roi_heads.box_roi_pool = SingleMapRoIPool(roi_maps[0], roi_output_size)
+        second_stage = _roi_heads(
+            body,
+            spec,
+            num_classes=num_classes,
+            roi_pool=roi_pool,
+            roi_output_size=roi_output_size,
+            sampling_ratio=sampling_ratio,
+            box_head_width=box_head_width,
+            batch_size_per_image=box_batch_size_per_image,
+            score_thresh=box_score_thresh,
+            detections_per_img=box_detections_per_img,
+        )
+    transform = GrayscaleTransform(canvas_size, canvas_size, mean, std)
+    model = GeneralizedRCNN(body, proposer, second_stage, transform)
     if coordconv:
         inject_coordconv(model, sites, with_r=with_r)
     # NHWC convolutions, pooling and RoIAlign: the backbone infers ~2x faster on CPU (max

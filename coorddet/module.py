@@ -18,8 +18,10 @@ import torch
 from torch import Tensor, nn
 
 from coorddet.checkpoint import CHECKPOINT_KEY
-from coorddet.metrics import METRIC_KEYS, ImagePrediction, evaluate_records, predict_with_proposals
+from coorddet.inference import predict_with_proposals
+from coorddet.metrics import METRIC_KEYS, evaluate_records
 from coorddet.models import is_rpn_only
+from coorddet.predictions import ImagePrediction
 
 CHECKPOINT_FORMAT = 1
 
@@ -166,32 +168,37 @@ class DetectionModule(L.LightningModule):
 
     # -- optimizer --------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
+        settings = self.hparams
         params = [p for p in self.model.parameters() if p.requires_grad]
-        if hp.optimizer == "sgd":
+        if settings.optimizer == "sgd":
             optimizer = torch.optim.SGD(
-                params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay
+                params,
+                lr=settings.lr,
+                momentum=settings.momentum,
+                weight_decay=settings.weight_decay,
             )
-        elif hp.optimizer == "adam":
-            optimizer = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
-        elif hp.optimizer == "adamw":
-            optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        elif settings.optimizer == "adam":
+            optimizer = torch.optim.Adam(params, lr=settings.lr, weight_decay=settings.weight_decay)
+        elif settings.optimizer == "adamw":
+            optimizer = torch.optim.AdamW(
+                params, lr=settings.lr, weight_decay=settings.weight_decay
+            )
         else:
-            raise ValueError(f"unknown optimizer {hp.optimizer!r}")
+            raise ValueError(f"unknown optimizer {settings.optimizer!r}")
         total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
         steps_per_epoch = max(total_steps // max(self.trainer.max_epochs or 1, 1), 1)
-        warmup = min(hp.warmup_steps, total_steps - 1) if total_steps > 1 else 0
-        milestones = [m * steps_per_epoch for m in (hp.milestones or [])]
+        warmup = min(settings.warmup_steps, total_steps - 1) if total_steps > 1 else 0
+        milestones = [m * steps_per_epoch for m in (settings.milestones or [])]
 
         def factor(step: int) -> float:
             scale = 1.0
             if warmup and step < warmup:
                 scale = (step + 1) / warmup
-            if hp.scheduler == "cosine":
+            if settings.scheduler == "cosine":
                 progress = min(max(step - warmup, 0) / max(total_steps - warmup, 1), 1.0)
                 scale *= 0.5 * (1.0 + math.cos(math.pi * progress))
-            elif hp.scheduler == "step":
-                scale *= hp.gamma ** sum(step >= m for m in milestones)
+            elif settings.scheduler == "step":
+                scale *= settings.gamma ** sum(step >= m for m in milestones)
             return scale
 
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -36,7 +36,7 @@ def plot_detections(
         images: ``H x W`` uint8 canvases.
         gts: per canvas ``(boxes, labels)``: ``(K, 4)`` xyxy pixels, ``(K,)`` category ids
             (tensors or arrays).
-        runs: run name -> records (``coorddet.metrics.ImagePrediction``), ``runs[name][i]``
+        runs: run name -> records (``coorddet.predictions.ImagePrediction``), ``runs[name][i]``
             being the prediction for ``images[i]``; detections below ``score_thresh`` are hidden.
         categories: category id -> name; default ``str(id - 1)`` (data_gen's digits).
     Returns the path written.

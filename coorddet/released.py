@@ -332,7 +332,7 @@ class NoRoIHeads(nn.Module):
     """The RoI-head slot of an RPN-only ``GeneralizedRCNN``: no detections, no losses.
 
     The model's losses are the RPN's alone; its proposals are scored by ``rpn_iou``
-    (:func:`coorddet.metrics.paper_proposals`), and detection metrics are undefined.
+    (:func:`coorddet.inference.paper_proposals`), and detection metrics are undefined.
     """
 
     def forward(

@@ -12,7 +12,6 @@ averaged as numbers.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import shutil
@@ -20,7 +19,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from coorddet.fileio import named, write_text_atomic
+from coorddet.fileio import named
 from coorddet.metrics import METRIC_KEYS
 
 Metrics = Mapping[str, float | None]
@@ -181,11 +180,6 @@ def render_report(
     if plots:
         lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     return "\n".join(lines)
-
-
-def write_json(path: Path, data: Any) -> None:
-    """``data`` as indented JSON; NaN is not allowed (write ``None`` for undefined values)."""
-    write_text_atomic(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
 
 
 @contextlib.contextmanager

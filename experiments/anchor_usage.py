@@ -25,11 +25,11 @@ from torchvision.models.detection.rpn import concat_box_prediction_layers  # noq
 from torchvision.ops import box_iou, nms  # noqa: E402
 
 from coorddet.checkpoint import load_checkpoint  # noqa: E402
-from coorddet.data import CocoDetection  # noqa: E402
+from coorddet.data import CocoDataset  # noqa: E402
 from coorddet.released import NMS_IOU, ReleasedRegionProposalNetwork  # noqa: E402
 
 
-def usage(model: torch.nn.Module, dataset: CocoDetection, images: int) -> dict:
+def usage(model: torch.nn.Module, dataset: CocoDataset, images: int) -> dict:
     """Anchor index counts, inside share and mean best IoU of the top-10 proposals."""
     rpn = model.rpn
     counts: Counter[int] = Counter()
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="test", help="split (default: test)")
     parser.add_argument("--images", type=int, default=200, help="images to look at (default: 200)")
     args = parser.parse_args(argv)
-    dataset = CocoDetection(args.data, args.split)
+    dataset = CocoDataset(args.data, args.split)
     print(
         "| checkpoint | " + " | ".join(f"anchor {a}" for a in range(9)) + " | inside | mean IoU |"
     )

@@ -82,13 +82,13 @@ def test_add_coords_on_cuda():
 def test_grid_is_cached_per_shape_device_dtype_and_not_saved():
     layer = AddCoords()
     x = torch.randn(2, 3, 5, 6)
-    first = layer.grid(5, 6, x, -1.0, -1.0)
-    assert layer.grid(5, 6, x, -1.0, -1.0) is first
+    first = layer.grid(5, 6, x)
+    assert layer.grid(5, 6, x) is first
     layer(x)
     layer(torch.randn(7, 1, 5, 6))  # other batch and channel counts share the grid
-    assert layer.grid(5, 6, x, -1.0, -1.0) is first
-    assert layer.grid(6, 5, x, -1.0, -1.0) is not first
-    assert layer.grid(5, 6, x.double(), -1.0, -1.0).dtype == torch.float64
+    assert layer.grid(5, 6, x) is first
+    assert layer.grid(6, 5, x) is not first
+    assert layer.grid(5, 6, x.double()).dtype == torch.float64
     assert len(layer._grids) == 3
     assert layer.state_dict() == {}
 

@@ -17,8 +17,9 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from coorddet.data import CocoDetection, annotation_file, collate_detection
+from coorddet.data import CocoDataset, collate_detection
 from coorddet.datamodule import CocoDataModule
+from coorddet.dataset_layout import annotation_file
 from coorddet.errors import UserError
 from coorddet.transforms import build_transforms
 
@@ -82,7 +83,7 @@ def root(tmp_path_factory) -> Path:
 
 
 def test_boxes_round_trip_from_xywh_to_xyxy(root):
-    dataset = CocoDetection(root, "train")
+    dataset = CocoDataset(root, "train")
     assert len(dataset) == len(TRAIN)
     assert dataset.image_ids == list(range(1, len(TRAIN) + 1))
     for index, boxes in enumerate(TRAIN):
@@ -100,14 +101,14 @@ def test_boxes_round_trip_from_xywh_to_xyxy(root):
 
 
 def test_crowd_annotations_stay_in_coco_but_not_in_targets(root):
-    dataset = CocoDetection(root, "train")
+    dataset = CocoDataset(root, "train")
     crowd = [a for a in dataset.coco.anns.values() if a["iscrowd"]]
     assert [a["image_id"] for a in crowd] == [1]
     assert len(dataset[0][1]["labels"]) == len(TRAIN[0])
 
 
 def test_images_are_float_in_unit_range_and_match_the_files(root):
-    dataset = CocoDetection(root, "val")
+    dataset = CocoDataset(root, "val")
     for index in range(len(dataset)):
         image, _ = dataset[index]
         assert image.shape == (1, SIZE, SIZE) and image.dtype == torch.float32
@@ -117,7 +118,7 @@ def test_images_are_float_in_unit_range_and_match_the_files(root):
 
 
 def test_metadata_and_silence(root, capsys):
-    dataset = CocoDetection(root, "val")
+    dataset = CocoDataset(root, "val")
     assert capsys.readouterr().out == ""  # pycocotools' progress prints are swallowed
     assert dataset.num_classes == 11
     assert [c["id"] for c in dataset.categories] == list(range(1, 11))
@@ -125,7 +126,7 @@ def test_metadata_and_silence(root, capsys):
 
 
 def test_empty_image_gives_empty_targets(root):
-    _, target = CocoDetection(root, "train")[2]
+    _, target = CocoDataset(root, "train")[2]
     assert target["boxes"].shape == (0, 4) and target["boxes"].dtype == torch.float32
     assert target["labels"].shape == (0,) and target["labels"].dtype == torch.int64
 
@@ -133,7 +134,7 @@ def test_empty_image_gives_empty_targets(root):
 def test_augmentation_dropping_every_box_gives_empty_targets(tmp_path):
     """The real policy, on a canvas whose one small box sits in the corner: some draws drop it."""
     write_split(tmp_path, "train", [[(8, 0, 0, 5, 5)]])
-    dataset = CocoDetection(tmp_path, "train", build_transforms("digits", seed=0))
+    dataset = CocoDataset(tmp_path, "train", build_transforms("digits", seed=0))
     targets = [dataset[0][1] for _ in range(100)]
     empty = [t for t in targets if len(t["labels"]) == 0]
     assert empty, "the corner box was never dropped"
@@ -144,7 +145,7 @@ def test_augmentation_dropping_every_box_gives_empty_targets(tmp_path):
 
 
 def test_augmented_items_keep_labels_and_boxes_inside(root):
-    dataset = CocoDetection(root, "train", build_transforms("digits", seed=1))
+    dataset = CocoDataset(root, "train", build_transforms("digits", seed=1))
     for _ in range(10):
         for index, boxes in enumerate(TRAIN):
             image, target = dataset[index]
@@ -154,7 +155,7 @@ def test_augmented_items_keep_labels_and_boxes_inside(root):
             xyxy = target["boxes"]
             assert (xyxy >= 0).all() and (xyxy <= SIZE).all()
             assert (xyxy[:, 2:] > xyxy[:, :2]).all()
-    plain = CocoDetection(root, "train", None)
+    plain = CocoDataset(root, "train", None)
     dataset.transforms = None  # the decoded pixels were not changed by augmenting them
     for index in range(len(TRAIN)):
         torch.testing.assert_close(dataset[index][0], plain[index][0], rtol=0, atol=0)
@@ -162,7 +163,7 @@ def test_augmented_items_keep_labels_and_boxes_inside(root):
 
 def test_dataset_pickles_for_worker_processes(root):
     """Spawned workers (macOS, Windows, ddp_spawn) receive the dataset pickled."""
-    dataset = CocoDetection(root, "train", build_transforms("digits"))
+    dataset = CocoDataset(root, "train", build_transforms("digits"))
     clone = pickle.loads(pickle.dumps(dataset))
     dataset.reseed(5)
     clone.reseed(5)
@@ -173,7 +174,7 @@ def test_dataset_pickles_for_worker_processes(root):
 
 
 def test_collate_keeps_images_and_targets_apart(root):
-    dataset = CocoDetection(root, "train")
+    dataset = CocoDataset(root, "train")
     batch = [dataset[i] for i in (0, 2, 3)]  # 2, 0 and 3 boxes
     images, targets = collate_detection(batch)
     assert len(images) == len(targets) == 3
@@ -306,7 +307,7 @@ def test_bad_input_raises_one_clear_line(root, tmp_path, case):
     shutil.copytree(root, copy)
     break_it(copy)
     with pytest.raises(UserError) as caught:
-        CocoDetection(copy, "val")
+        CocoDataset(copy, "val")
     message = str(caught.value)
     assert "\n" not in message
     assert problem in message
@@ -315,12 +316,12 @@ def test_bad_input_raises_one_clear_line(root, tmp_path, case):
 
 def test_missing_dataset_directory_names_the_generator(tmp_path):
     with pytest.raises(UserError, match=r"does not exist.*python -m data_gen --out"):
-        CocoDetection(tmp_path / "nowhere", "train")
+        CocoDataset(tmp_path / "nowhere", "train")
 
 
 def test_edge_touching_float_boxes_are_accepted(root):
     # TRAIN[5] has a float box ending exactly at x = 64
-    _, target = CocoDetection(root, "train")[5]
+    _, target = CocoDataset(root, "train")[5]
     assert target["boxes"][1, 2].item() == SIZE
 
 

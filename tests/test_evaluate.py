@@ -25,7 +25,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from coorddet.evaluate import main
+from coorddet.cli.evaluate import main
 from data_gen import GeneratorConfig, generate
 
 METRIC_KEYS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large",

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
+import math
 import resource
 from pathlib import Path
 
@@ -64,3 +66,11 @@ def test_other_errors_pass_unchanged_and_clean_up(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="a bug"):
         write_atomic(tmp_path / "x", broken)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_write_json_atomic_can_refuse_nan(tmp_path):
+    write_json_atomic(tmp_path / "ok.json", {"map": None}, allow_nan=False)
+    assert json.loads((tmp_path / "ok.json").read_text()) == {"map": None}
+    with pytest.raises(ValueError):
+        write_json_atomic(tmp_path / "nan.json", {"map": math.nan}, allow_nan=False)
+    assert not (tmp_path / "nan.json").exists()

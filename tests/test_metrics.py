@@ -4,7 +4,6 @@ torchvision inference that yields detections plus the paper's RPN proposals."""
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import json
 import math
@@ -12,27 +11,22 @@ import math
 import pytest
 import torch
 from pycocotools.coco import COCO
-from torch import nn
 from torch.testing import assert_close
-from torchvision.models.detection import FasterRCNN
-from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.transform import resize_boxes
-from torchvision.ops import MultiScaleRoIAlign, box_iou
 
 from coorddet.errors import UserError
 from coorddet.metrics import (
     COCO_KEYS,
     METRIC_KEYS,
     GroundTruth,
-    ImagePrediction,
     coco_metrics,
-    dedupe_records,
     evaluate_records,
     ground_truth,
     iou_metrics,
-    paper_proposals,
     per_gt_ious,
-    predict_with_proposals,
+)
+from coorddet.predictions import (
+    ImagePrediction,
+    dedupe_records,
     records_from_coco_results,
     to_coco_results,
 )
@@ -255,129 +249,3 @@ def test_dedupe_keeps_one_record_per_image():
     a, b = perfect_records()
     deduped = dedupe_records([b, a, b, record(1, [], [])])
     assert [r.image_id for r in deduped] == [1, 2] and deduped[0] is a
-
-
-# Step-by-step torchvision inference ----------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_model() -> FasterRCNN:
-    """A random FasterRCNN with a two-conv backbone on 1-channel 64x64 inputs."""
-    torch.manual_seed(0)
-    backbone = nn.Sequential(
-        nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1)
-    )
-    backbone.out_channels = 8
-    model = FasterRCNN(
-        backbone,
-        num_classes=11,
-        min_size=64,
-        max_size=64,
-        image_mean=[0.5],
-        image_std=[0.25],
-        rpn_anchor_generator=AnchorGenerator(((8, 16, 32),), ((0.5, 1.0, 2.0),)),
-        box_roi_pool=MultiScaleRoIAlign(["0"], output_size=7, sampling_ratio=2),
-        representation_size=32,
-    )
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
-def images() -> list[torch.Tensor]:
-    generator = torch.Generator().manual_seed(1)
-    return [torch.rand(1, h, w, generator=generator) for h, w in [(64, 64), (48, 40), (40, 56)]]
-
-
-def test_predict_with_proposals_equals_the_model(tiny_model, images):
-    expected = tiny_model(images)
-    calls = []
-    hook = tiny_model.transform.register_forward_hook(lambda *args: calls.append(1))
-    try:
-        records = predict_with_proposals(tiny_model, images, image_ids=[5, 6, 7])
-    finally:
-        hook.remove()
-    assert calls == [1]  # module calls: CoordConv's hooks on the transform fire
-    assert [r.image_id for r in records] == [5, 6, 7]
-    assert sum(len(r.boxes) for r in records) > 0
-    for want, got, image in zip(expected, records, images, strict=True):
-        assert_close(got.boxes, want["boxes"], rtol=0, atol=0)
-        assert_close(got.scores, want["scores"], rtol=0, atol=0)
-        assert torch.equal(got.labels, want["labels"])
-        height, width = image.shape[-2:]
-        assert 0 < len(got.proposals) <= 10  # original pixels, like the detections:
-        assert (got.proposals >= 0).all() and (got.proposals[:, 2] <= width).all()
-        assert (got.proposals[:, 3] <= height).all()
-        assert box_iou(got.proposals, got.proposals).triu(diagonal=1).max() <= 0.8 + 1e-6
-
-
-def test_predict_with_proposals_reuses_the_rpn_head_and_leaves_the_model_as_it_was(
-    tiny_model, images
-):
-    """The paper's proposals come from the RPN head outputs of the main pass: the same boxes as
-    a second full RPN pass, one head call, and the model's own RPN keeps its submodules."""
-    head, anchors = tiny_model.rpn.head, tiny_model.rpn.anchor_generator
-    calls = []
-    hook = head.register_forward_hook(lambda *args: calls.append(1))
-    try:
-        records = predict_with_proposals(tiny_model, images, image_ids=[5, 6, 7])
-    finally:
-        hook.remove()
-    assert calls == [1]
-    assert tiny_model.rpn.head is head and tiny_model.rpn.anchor_generator is anchors
-    with torch.no_grad():
-        image_list, _ = tiny_model.transform(images)
-        features = tiny_model.backbone(image_list.tensors)
-    recomputed = paper_proposals(tiny_model, image_list, {"0": features})
-    sizes = image_list.image_sizes
-    for record, boxes, image, size in zip(records, recomputed, images, sizes, strict=True):
-        want = resize_boxes(boxes, tuple(size), tuple(image.shape[-2:]))
-        assert torch.equal(record.proposals, want)
-
-
-# short: some image keeps fewer than top_k, so NMS runs again over every candidate
-@pytest.mark.parametrize(
-    ("nms_iou", "top_k", "short"),
-    [(0.8, 3, False), (0.8, 10, False), (0.1, 10, False), (0.1, 40, True)],
-)
-def test_paper_proposals_shortlist_gives_what_nms_over_every_candidate_gives(
-    tiny_model, images, nms_iou, top_k, short
-):
-    with torch.no_grad():
-        image_list, _ = tiny_model.transform(images)
-        features = tiny_model.backbone(image_list.tensors)
-        rpn = copy.copy(tiny_model.rpn)  # the paper's settings, every candidate through NMS
-        rpn.nms_thresh, rpn._post_nms_top_n = nms_iou, {"training": top_k, "testing": top_k}
-        expected, _ = rpn(image_list, {"0": features})
-    got = paper_proposals(tiny_model, image_list, features, top_k=top_k, nms_iou=nms_iou)
-    assert any(len(boxes) < top_k for boxes in got) == short
-    for want, boxes in zip(expected, got, strict=True):
-        assert torch.equal(boxes, want)
-
-
-def test_predict_with_proposals_restores_training_mode(tiny_model, images):
-    tiny_model.train()
-    try:
-        records = predict_with_proposals(tiny_model, images[:1], image_ids=[0], top_k=3)
-        assert all(module.training for module in tiny_model.modules())
-    finally:
-        tiny_model.eval()
-    assert len(records[0].proposals) <= 3
-
-
-def test_paper_proposals_is_the_rpn_with_other_settings(tiny_model, images):
-    rpn = tiny_model.rpn
-    settings = (rpn.nms_thresh, dict(rpn._post_nms_top_n), dict(rpn._pre_nms_top_n))
-    with torch.no_grad():
-        image_list, _ = tiny_model.transform(images)
-        features = tiny_model.backbone(image_list.tensors)
-        default, _ = rpn(image_list, {"0": features})
-    same = paper_proposals(
-        tiny_model, image_list, features, top_k=rpn.post_nms_top_n(), nms_iou=rpn.nms_thresh
-    )
-    for want, got in zip(default, same, strict=True):
-        assert torch.equal(got, want)
-    top_10 = paper_proposals(tiny_model, image_list, features)
-    all_08 = paper_proposals(tiny_model, image_list, features, top_k=1000)
-    for few, many in zip(top_10, all_08, strict=True):
-        assert len(few) == min(10, len(many)) and torch.equal(few, many[:10])  # best first
-    assert (rpn.nms_thresh, rpn._post_nms_top_n, rpn._pre_nms_top_n) == settings

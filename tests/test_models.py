@@ -6,10 +6,17 @@ import pytest
 import torch
 from torch.testing import assert_close
 from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection.rpn import RPNHead
+from torchvision.ops import MultiScaleRoIAlign
 
+from coorddet.backbones import MnistSmallBackbone
 from coorddet.coordconv import CoordConv2d
 from coorddet.models import BACKBONES, GrayscaleTransform, build_model
-from coorddet.poolers import MatmulRoIAlign, SingleMapRoIPool
+from coorddet.poolers import ChannelsLastTwoMLPHead, MatmulRoIAlign, SingleMapRoIPool
 
 
 def _batch(count: int = 2, size: int = 64):
@@ -25,7 +32,7 @@ def _batch(count: int = 2, size: int = 64):
     return images, targets
 
 
-def _train_step(model: FasterRCNN) -> dict[str, torch.Tensor]:
+def _train_step(model: GeneralizedRCNN) -> dict[str, torch.Tensor]:
     images, targets = _batch()
     model.train()
     losses = model(images, targets)
@@ -37,7 +44,7 @@ def _train_step(model: FasterRCNN) -> dict[str, torch.Tensor]:
 def test_mnist_small_trains_and_detects(coordconv):
     torch.manual_seed(0)
     model = build_model(coordconv=coordconv)
-    assert isinstance(model, FasterRCNN)
+    assert isinstance(model, GeneralizedRCNN) and isinstance(model.roi_heads, RoIHeads)
     losses = _train_step(model)
     assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
     assert all(torch.isfinite(loss) for loss in losses.values())
@@ -48,6 +55,46 @@ def test_mnist_small_trains_and_detects(coordconv):
         detections = model(_batch()[0])
     assert detections[0]["boxes"].shape[1] == 4
     assert detections[0]["labels"].max() <= 10
+
+
+def test_composed_as_torchvision_s_faster_rcnn_constructor_would_build_it():
+    """Same seed, same parts: build_model's detector has the weights and gives the detections
+    of torchvision's ``FasterRCNN`` built from those parts (its own transform and heads)."""
+    torch.manual_seed(0)
+    model = build_model(roi_pool="align-torchvision").eval()
+    torch.manual_seed(0)
+    body = MnistSmallBackbone()
+    rpn_head = RPNHead(64, 9)  # 3 sizes x 3 aspect ratios
+    box_head = ChannelsLastTwoMLPHead(64 * 7 * 7, 256)
+    theirs = FasterRCNN(
+        body,
+        num_classes=None,
+        min_size=64,
+        max_size=64,
+        image_mean=[0.06],
+        image_std=[0.21],
+        rpn_anchor_generator=AnchorGenerator(((12, 18, 24),), ((0.5, 1.0, 2.0),)),
+        rpn_head=rpn_head,
+        rpn_pre_nms_top_n_train=300,
+        rpn_pre_nms_top_n_test=300,
+        rpn_post_nms_top_n_train=150,
+        rpn_post_nms_top_n_test=100,
+        box_roi_pool=MultiScaleRoIAlign(["0"], 7, 2),
+        box_head=box_head,
+        box_predictor=FastRCNNPredictor(256, 11),
+        box_batch_size_per_image=32,
+        box_score_thresh=0.05,
+    )
+    theirs = theirs.to(memory_format=torch.channels_last).eval()
+    mine_state, their_state = model.state_dict(), theirs.state_dict()
+    assert mine_state.keys() == their_state.keys()
+    for key in mine_state:
+        assert torch.equal(mine_state[key], their_state[key]), key
+    images = _batch(3)[0]
+    with torch.no_grad():
+        for mine, other in zip(model(images), theirs(images), strict=True):
+            for key in ("boxes", "scores", "labels"):
+                assert torch.equal(mine[key], other[key]), key
 
 
 def test_mnist_small_layout():

@@ -6,8 +6,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from coorddet.metrics import ImagePrediction
 from coorddet.plots import plot_detections, plot_iou_distribution
+from coorddet.predictions import ImagePrediction
 
 
 def prediction(image_id: int, boxes, labels, scores) -> ImagePrediction:

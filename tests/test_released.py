@@ -99,9 +99,9 @@ def test_placement_dataset_records_its_boxes_and_keeps_boxes_outside(tmp_path):
         x < 0 or y < 0 or x + w > 64 or y + h > 64 for x, y, w, h in (a["bbox"] for a in anns)
     )
 
-    from coorddet.data import CocoDetection
+    from coorddet.data import CocoDataset
 
-    dataset = CocoDetection(out, "train")
+    dataset = CocoDataset(out, "train")
     assert dataset.box_kind == "placement"
     boxes = torch.cat([dataset[i][1]["boxes"] for i in range(len(dataset))])
     assert len(boxes) == 30 and ((boxes < 0) | (boxes > 64)).any()  # read back, not refused

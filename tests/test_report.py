@@ -3,7 +3,6 @@ the report folder that appears whole or not at all."""
 
 from __future__ import annotations
 
-import json
 import math
 import subprocess
 import sys
@@ -20,7 +19,6 @@ from coorddet.report import (
     render_report,
     staged_dir,
     t_quantile_975,
-    write_json,
 )
 
 # t(0.975, df) from printed Student-t tables
@@ -153,13 +151,6 @@ def test_render_report_names_its_inputs():
                    "score_thresh=0.5", "## Runs", "## Seeds aggregated", "+20.0%",
                    "![detections.png](detections.png)"):  # fmt: skip
         assert needle in text, needle
-
-
-def test_write_json_refuses_nan(tmp_path):
-    write_json(tmp_path / "ok.json", {"map": None})
-    assert json.loads((tmp_path / "ok.json").read_text()) == {"map": None}
-    with pytest.raises(ValueError):
-        write_json(tmp_path / "nan.json", {"map": math.nan})
 
 
 def test_staged_dir_replaces_the_folder_whole(tmp_path):

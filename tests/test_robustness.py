@@ -2,7 +2,7 @@
 
 This file holds the cases that cross tools: every way a dataset on disk can be wrong, fed to
 ``python train.py`` and ``python -m coorddet.evaluate`` (both read datasets through
-``coorddet.data.CocoDetection``). Each must exit 2 with one stderr line naming the file and the
+``coorddet.data.CocoDataset``). Each must exit 2 with one stderr line naming the file and the
 problem, print no traceback and write nothing.
 
 The rest of the reliability contract sits next to the tool it belongs to, marked

@@ -40,7 +40,7 @@ def test_keep_freed_memory_unless_the_user_chose(monkeypatch):
 
 _PROBE = """
 import os, sys
-from coorddet.cli import run
+from coorddet.cli import report_errors
 
 def main(argv):
     block = bytearray(256 * 2**20)  # malloc'd and written (zero-filled), then freed
@@ -49,14 +49,14 @@ def main(argv):
     print(os.environ.get("THP_MEM_ALLOC_ENABLE"), pages * os.sysconf("SC_PAGE_SIZE") // 2**20)
     return 0
 
-sys.exit(run(main))
+sys.exit(report_errors(main))
 """
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
 @pytest.mark.parametrize("keep", ["1", "0"])
 def test_command_line_tools_keep_freed_memory_and_use_huge_pages(tmp_path, keep):
-    """What coorddet.cli.run (train.py, coorddet.evaluate) sets, seen from the process: a freed
+    """What coorddet.cli.report_errors (train.py, coorddet.evaluate) sets, seen from the process: a freed
     256 MB block stays in the process for reuse, unless COORDDET_KEEP_FREED_MEMORY=0."""
     script = tmp_path / "probe.py"
     script.write_text(_PROBE)

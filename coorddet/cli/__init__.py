@@ -25,8 +25,10 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(USER_ERROR_EXIT, f"{self.prog}: error: {message}\n")
 
 
-def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
-    """Call ``main(argv)``; a :class:`UserError` becomes one line on stderr and exit code 2, an
+def report_errors(
+    command: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None
+) -> int:
+    """Call ``command(argv)``; a :class:`UserError` becomes one line on stderr and exit code 2, an
     ``OSError`` (a failed write) one line and exit code 1.
 
     Large CPU tensors use transparent huge pages and freed memory is reused
@@ -34,7 +36,7 @@ def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None 
     """
     configure_memory()
     try:
-        return main(argv)
+        return command(argv)
     except (UserError, OSError) as error:
         line, code = one_line(error)
         print(line, file=sys.stderr)
@@ -45,7 +47,7 @@ def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None 
 
 
 def one_line(error: BaseException) -> tuple[str, int]:
-    """The line :func:`run` prints for ``error`` and the exit code; ``("", 0)`` for errors that
+    """The line :func:`report_errors` prints for ``error`` and the exit code; ``("", 0)`` for errors that
     keep their traceback (programming errors)."""
     if isinstance(error, UserError):
         message = " ".join(str(error).split())  # one line, whatever the message held

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from coorddet.errors import UserError
-from coorddet.fileio import write_csv_atomic, write_json_atomic
+from coorddet.fileio import write_csv_atomic
 
 if TYPE_CHECKING:
     from coorddet.checkpoint import LoadedCheckpoint
@@ -121,8 +121,3 @@ def _epoch(row: dict[str, str]) -> float:
         return float(row.get("epoch") or "inf")
     except ValueError:
         return float("inf")
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write ``data`` atomically (temp file + rename): a reader sees the old or the new file."""
-    write_json_atomic(path, data)

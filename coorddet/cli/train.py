@@ -22,10 +22,9 @@ import shutil
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-from coorddet.cli import FAULT_EXIT, ArgumentParser, one_line, run
+from coorddet.cli import FAULT_EXIT, ArgumentParser, one_line, report_errors
 from coorddet.cli.rundir import (
     ResumePoint,
     check_out_dir,
@@ -33,13 +32,12 @@ from coorddet.cli.rundir import (
     read_resume_point,
     resume_path,
     trim_csv_log,
-    write_json,
 )
 from coorddet.config import DataConfig, TrainConfig, build_config, dump_yaml, load_yaml
+from coorddet.dataset_layout import data_gen_hint, require_dataset
 from coorddet.errors import UserError
+from coorddet.fileio import write_json_atomic
 from coorddet.locking import hold_folder
-
-DATA_GEN_HINT = "python -m data_gen --out {data}"
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[Any, dict[str, Any]]:
@@ -118,22 +116,10 @@ def number(text: str) -> int | float:
         return float(text)  # argparse turns the ValueError into a one-line error
 
 
-def _check_dataset(data_dir: str) -> None:
-    """The quick part of the dataset check (before slow imports); ``coorddet.data`` does the rest."""
-    root = Path(data_dir)
-    hint = DATA_GEN_HINT.format(data=data_dir)
-    if not root.is_dir():
-        raise UserError(f"dataset directory {root} does not exist; create one with: {hint}")
-    for split in ("train", "val"):
-        path = root / "annotations" / f"instances_{split}.json"
-        if not path.is_file():
-            raise UserError(f"{path}: annotation file not found; create a dataset with: {hint}")
-
-
 def _open_data(config: TrainConfig) -> Any:
     from coorddet.datamodule import CocoDataModule
 
-    hint = DATA_GEN_HINT.format(data=config.data.data_dir)
+    hint = data_gen_hint(config.data.data_dir)
     try:
         datamodule = CocoDataModule(**dataclasses.asdict(config.data))
         datamodule.setup("fit")
@@ -197,12 +183,13 @@ def resume_command(argv: Sequence[str] | None) -> str:
     return shlex.join(["python", "train.py", *kept, "--resume", "last"])
 
 
-def main_unsafe(argv: Sequence[str] | None = None) -> int:
+def train_command(argv: Sequence[str] | None = None) -> int:
     args, overrides = parse_args(argv)
     raw = load_yaml(args.config) if args.config else {}
     config = build_config(raw, overrides)
     # Quick checks first: a mistake is reported before the seconds-long imports below.
-    _check_dataset(config.data.data_dir)
+    data = config.data
+    require_dataset(data.data_dir, [data.train_split, data.val_split], flag="--data")
     if not is_rank_zero():  # a DDP process started by process 0, which holds the run directory
         return _train(args, argv, raw, overrides, config)
     with hold_folder(config.out_dir):  # before any check of it: they hold only while it is held
@@ -225,7 +212,7 @@ def _train(
     import lightning as L
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from coorddet.cli.trainer_io import build_trainer, quiet_lightning
+    from coorddet.cli.trainer import build_trainer, quiet_lightning
     from coorddet.cli.workers import report_dead_worker, stop_workers
 
     quiet_lightning(args.quiet)  # after the import: lightning sets its loggers' levels on import
@@ -296,7 +283,7 @@ def _train(
         "train_seconds": round(seconds, 3),
         "train_img_per_s": round(images / module.train_seconds, 2) if module.train_seconds else 0,
     }
-    write_json(out / "metrics.json", metrics)
+    write_json_atomic(out / "metrics.json", metrics)
     if not args.quiet:
         shown = ", ".join(
             f"{k} {v:.4f}" for k, v in metrics.items() if k in ("map", "map_50", "rpn_iou", "gt_iou")
@@ -308,7 +295,7 @@ def _train(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run(main_unsafe, argv)
+    return report_errors(train_command, argv)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,123 @@
+"""Prediction records and the COCO results format they are written in and read from.
+
+An :class:`ImagePrediction` holds one image's detections and RPN proposals in original image
+pixels, xyxy; :mod:`coorddet.inference` makes them from a model, :func:`records_from_coco_results`
+from another detector's COCO results file, and :mod:`coorddet.metrics` scores them. The COCO
+results format (``image_id, category_id, bbox [x, y, w, h], score``) is converted here only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from coorddet.boxes import xywh_to_xyxy, xyxy_to_xywh
+from coorddet.errors import UserError
+from coorddet.validate import is_int, is_number
+
+BOX_DECIMALS = 3  # COCO results: boxes to 1/1000 px,
+SCORE_DECIMALS = 5  # scores to 1e-5
+
+
+@dataclass
+class ImagePrediction:
+    """One image's predictions; CPU tensors, original image pixel coordinates.
+
+    Attributes:
+        image_id: COCO image id.
+        boxes: float32 ``(D, 4)`` xyxy detections.
+        scores: float32 ``(D,)``.
+        labels: int64 ``(D,)`` COCO category ids.
+        proposals: float32 ``(P, 4)`` xyxy RPN proposals (:func:`coorddet.inference.paper_proposals`),
+            best objectness first; ``None`` when unknown (predictions from another detector).
+    """
+
+    image_id: int
+    boxes: Tensor
+    scores: Tensor
+    labels: Tensor
+    proposals: Tensor | None = None
+
+    @classmethod
+    def empty(cls, image_id: int) -> ImagePrediction:
+        """No detections (and no proposals) for ``image_id``."""
+        return cls(image_id, torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.int64))
+
+
+def dedupe_records(records: Iterable[ImagePrediction]) -> list[ImagePrediction]:
+    """One record per image id (the first seen), sorted by id: drops DistributedSampler padding."""
+    unique: dict[int, ImagePrediction] = {}
+    for record in records:
+        unique.setdefault(int(record.image_id), record)
+    return [unique[image_id] for image_id in sorted(unique)]
+
+
+def to_coco_results(records: Iterable[ImagePrediction]) -> list[dict[str, Any]]:
+    """Detections in the COCO results format: ``image_id, category_id, bbox [x, y, w, h], score``.
+
+    Boxes rounded to ``BOX_DECIMALS``, scores to ``SCORE_DECIMALS``.
+    """
+    results = []
+    for record in records:
+        xywh = xyxy_to_xywh(record.boxes.double().reshape(-1, 4))
+        for box, score, label in zip(
+            xywh.tolist(), record.scores.tolist(), record.labels.tolist(), strict=True
+        ):
+            results.append(
+                {
+                    "image_id": int(record.image_id),
+                    "category_id": int(label),
+                    "bbox": [round(value, BOX_DECIMALS) for value in box],
+                    "score": round(float(score), SCORE_DECIMALS),
+                }
+            )
+    return results
+
+
+def records_from_coco_results(results: Any) -> list[ImagePrediction]:
+    """COCO results (parsed JSON) -> records sorted by image id, no proposals.
+
+    Raises UserError naming the first malformed entry. Images without detections get no
+    record; :func:`coorddet.metrics.evaluate_records` ``image_ids=`` still counts them.
+    """
+    if not isinstance(results, list):
+        raise UserError(
+            f"COCO results must be a JSON list of detections, got {type(results).__name__}"
+        )
+    grouped: dict[int, list[dict[str, Any]]] = {}
+    for index, result in enumerate(results):
+        _check_result(index, result)
+        grouped.setdefault(result["image_id"], []).append(result)
+    records = []
+    for image_id in sorted(grouped):
+        entries = grouped[image_id]
+        xywh = torch.tensor([e["bbox"] for e in entries], dtype=torch.float64)
+        records.append(
+            ImagePrediction(
+                image_id=image_id,
+                boxes=xywh_to_xyxy(xywh).float(),
+                scores=torch.tensor([float(e["score"]) for e in entries], dtype=torch.float32),
+                labels=torch.tensor([e["category_id"] for e in entries], dtype=torch.int64),
+            )
+        )
+    return records
+
+
+def _check_result(index: int, result: Any) -> None:
+    where = f"detection #{index}"
+    if not isinstance(result, dict):
+        raise UserError(f"{where} is not an object with image_id, category_id, bbox, score")
+    for key in ("image_id", "category_id"):
+        if not is_int(result.get(key)):
+            raise UserError(f"{where}: '{key}' must be an integer, got {result.get(key)!r}")
+    bbox = result.get("bbox")
+    if not (isinstance(bbox, list) and len(bbox) == 4 and all(map(is_number, bbox))):
+        raise UserError(f"{where}: 'bbox' must be 4 numbers [x, y, w, h], got {bbox!r}")
+    if bbox[2] < 0 or bbox[3] < 0:
+        raise UserError(f"{where}: 'bbox' width and height must be >= 0, got {bbox!r}")
+    if not is_number(result.get("score")):
+        raise UserError(f"{where}: 'score' must be a finite number, got {result.get('score')!r}")
