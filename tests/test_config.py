@@ -74,7 +74,7 @@ def test_yaml_spellings_are_converted() -> None:
         ({"trainer": {"max_epoch": 3}}, "trainer.max_epoch"),
         ({"epochs": 3}, "'epochs'"),
         ({"model": {"coordconvs": True}}, "model.coordconvs"),
-        ({"data": {"batch_size": "many"}}, "data.batch_size"),
+        ({"data": {"batch_size": "many"}}, "'data.batch_size' must be int, got 'many'"),
         ({"data": {"batch_size": 2.5}}, "data.batch_size"),
         ({"data": {"augment": "yes"}}, "data.augment"),
         ({"model": {"coordconv": "yes"}}, "model.coordconv"),
@@ -97,10 +97,12 @@ def test_unknown_keys_and_wrong_types(raw: dict, needle: str) -> None:
     ("override", "needle"),
     [
         ({"trainer.max_epochs": 0}, "trainer.max_epochs"),
-        ({"trainer.max_epochs": -1}, "trainer.max_epochs"),
+        ({"trainer.max_epochs": -1}, "'trainer.max_epochs' must be >= 1"),
         ({"data.batch_size": 0}, "data.batch_size"),
         ({"data.num_workers": -1}, "data.num_workers"),
+        ({"data.num_workers": -2}, "data.num_workers"),
         ({"optim.lr": 0.0}, "optim.lr"),
+        ({"optim.lr": -0.1}, "optim.lr"),
         ({"optim.lr": float("nan")}, "optim.lr"),
         ({"optim.lr": float("inf")}, "optim.lr"),
         ({"optim.optimizer": "rmsprop"}, "optim.optimizer"),
@@ -108,13 +110,14 @@ def test_unknown_keys_and_wrong_types(raw: dict, needle: str) -> None:
         ({"seed": -1}, "seed"),
         ({"seed": 2**32}, "seed"),
         ({"trainer.limit_train_batches": 0}, "trainer.limit_train_batches"),
+        ({"trainer.limit_train_batches": 1.5}, "trainer.limit_train_batches"),
         ({"trainer.limit_val_batches": 1.5}, "trainer.limit_val_batches"),
         ({"trainer.limit_val_batches": float("nan")}, "trainer.limit_val_batches"),
         ({"trainer.devices": 0}, "trainer.devices"),
         ({"trainer.devices": "two"}, "trainer.devices"),
         ({"trainer.devices": "[0, 1]"}, "trainer.devices"),
         ({"trainer.num_nodes": 0}, "trainer.num_nodes"),
-        ({"trainer.strategy": "ddp_spawn"}, "trainer.strategy"),
+        ({"trainer.strategy": "ddp_spawn"}, "'trainer.strategy' 'ddp_spawn'"),
         ({"trainer.precision": "bf16-true"}, "trainer.precision"),
         ({"eval.score_thresh": 1.5}, "eval.score_thresh"),
     ],
@@ -138,6 +141,7 @@ def test_yaml_python_tags_are_refused(tmp_path: Path) -> None:
     with pytest.raises(UserError) as error:
         load_yaml(path)
     assert "evil.yaml" in str(error.value) and "line 1" in str(error.value)
+    assert "not valid safe YAML" in str(error.value)
     assert not marker.exists()
 
 
