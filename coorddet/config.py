@@ -28,6 +28,7 @@ import yaml
 
 from coorddet.errors import UserError
 from coorddet.fileio import write_text_atomic
+from coorddet.validate import is_int, is_number
 
 OPTIMIZERS = ("sgd", "adamw", "adam")
 SCHEDULERS = ("cosine", "step", "none")
@@ -235,10 +236,10 @@ def _check(key: str, value: Any, expected: Any) -> Any:
         if isinstance(value, bool):
             return value
     elif expected is int:
-        if isinstance(value, int) and not isinstance(value, bool):
+        if is_int(value):
             return value
     elif expected is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if is_number(value, finite=False):
             return float(value)
         if isinstance(value, str):  # PyYAML reads "1e-4" as a string (YAML 1.1)
             try:
@@ -248,7 +249,7 @@ def _check(key: str, value: Any, expected: Any) -> Any:
     elif expected is str:
         if isinstance(value, str):
             return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if is_number(value, finite=False):
             return str(value)  # e.g. precision: 32
     elif expected is object or isinstance(value, expected):
         return value

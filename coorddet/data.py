@@ -1,6 +1,7 @@
 """COCO detection data: a ``data_gen`` dataset on disk -> ``(image, target)`` pairs for Faster R-CNN.
 
-Layout read (the contract written by ``data_gen``)::
+:class:`CocoDataset` reads one split; :func:`collate_detection` batches it. Layout read (the
+contract written by ``data_gen``, :mod:`coorddet.dataset_layout`)::
 
     ROOT/annotations/instances_{split}.json   COCO: images, annotations (bbox [x, y, w, h] px), categories
     ROOT/{split}/<file_name>                  8-bit grayscale PNGs, width x height as in the JSON

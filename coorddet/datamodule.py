@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from coorddet.data import CocoDataset, collate_detection
 from coorddet.errors import UserError
 from coorddet.transforms import POLICIES, build_transforms
+from coorddet.validate import check_choice, check_int
 
 
 def _seed_augmentation_worker(worker_id: int, *, rank: int) -> None:
@@ -70,14 +71,9 @@ class CocoDataModule(L.LightningDataModule):
         pin_memory: bool = False,
     ) -> None:
         super().__init__()
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise UserError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            raise UserError(f"num_workers must be an integer >= 0, got {num_workers!r}")
-        if augment_policy not in POLICIES:
-            raise UserError(
-                f"unknown augment_policy {augment_policy!r}; valid: {', '.join(POLICIES)}"
-            )
+        check_int("batch_size", batch_size, 1, error=UserError)
+        check_int("num_workers", num_workers, 0, error=UserError)
+        check_choice("augment_policy", augment_policy, POLICIES, error=UserError)
         # Lightning's default frame lookup leaves a frame cycle that pins the caller's locals
         # (loaders with live workers among them) until the garbage collector runs; handing it
         # our own frame avoids that.

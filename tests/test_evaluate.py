@@ -26,6 +26,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from coorddet.cli.evaluate import main
+from coorddet.evaluate import evaluate
 from data_gen import GeneratorConfig, generate
 
 METRIC_KEYS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large",
@@ -187,6 +188,29 @@ def test_plots_are_whole_png_files(report):
             assert image.format == "PNG"
     with Image.open(report.out / "detections.png") as image:
         assert image.size[0] >= 5 * 200  # ground truth + 4 runs side by side
+
+
+def test_library_evaluate_takes_keyword_arguments_and_writes_the_same_metrics(
+    tmp_path, report, tiny_dataset, checkpoints
+):
+    truth = truth_as_results(tiny_dataset)
+    result = evaluate(
+        data=tiny_dataset,
+        split="test",
+        out=tmp_path / "report",
+        checkpoints=[checkpoints["baseline"], checkpoints["coordconv"]],
+        predictions=[("truth", write(tmp_path / "truth.json", truth))],
+        quiet=True,
+    )
+    assert result.out == tmp_path / "report"
+    assert (result.baseline, result.compared, result.groups) == (
+        "baseline",
+        ["coordconv", "truth"],
+        None,
+    )
+    written = json.loads((result.out / "metrics.json").read_text())
+    assert written == result.metrics
+    assert written == {run: report.metrics[run] for run in ("baseline", "coordconv", "truth")}
 
 
 def test_console_prints_the_table_and_the_paths(report):

@@ -188,8 +188,7 @@ def train_command(argv: Sequence[str] | None = None) -> int:
     raw = load_yaml(args.config) if args.config else {}
     config = build_config(raw, overrides)
     # Quick checks first: a mistake is reported before the seconds-long imports below.
-    data = config.data
-    require_dataset(data.data_dir, [data.train_split, data.val_split], flag="--data")
+    require_dataset(config.data.data_dir, ["train", "val"], flag="--data")  # the splits it reads
     if not is_rank_zero():  # a DDP process started by process 0, which holds the run directory
         return _train(args, argv, raw, overrides, config)
     with hold_folder(config.out_dir):  # before any check of it: they hold only while it is held

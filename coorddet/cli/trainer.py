@@ -1,4 +1,5 @@
-"""Lightning pieces that write a run directory so that a killed run can always be resumed.
+"""The ``lightning.Trainer`` that ``train.py`` builds (:func:`build_trainer`), and its parts
+that write a run directory so that a killed run can always be resumed.
 
 - :class:`AtomicCheckpointIO`: a checkpoint is written once, next to its target, and renamed
   over it, so ``last.ckpt`` / ``best.ckpt`` are always either the old or the new complete file,
