@@ -26,7 +26,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from coorddet.cli.evaluate import main
-from coorddet.evaluate import evaluate
+from coorddet.evaluation import evaluate
 from data_gen import GeneratorConfig, generate
 
 METRIC_KEYS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large",

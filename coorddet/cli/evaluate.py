@@ -2,7 +2,7 @@
 
     python -m coorddet.evaluate --data DIR --split test CKPT [CKPT ...] --out REPORT_DIR
 
-Flags -> :func:`coorddet.evaluate.evaluate`'s keyword arguments, then the console summary.
+Flags -> :func:`coorddet.evaluation.evaluate`'s keyword arguments, then the console summary.
 Flag mistakes fail before anything heavy is imported; :func:`coorddet.cli.report_errors` turns
 a :class:`UserError` into one line and exit code 2.
 """
@@ -74,7 +74,7 @@ def parse_args(argv: Sequence[str] | None) -> Any:
 def evaluate_command(argv: Sequence[str] | None = None) -> int:
     """The command: evaluate, print the summary. Raises :class:`UserError` on a user mistake."""
     args = parse_args(argv)
-    from coorddet.evaluate import PLOTS, evaluate  # no torch import: that happens inside
+    from coorddet.evaluation import PLOTS, evaluate  # no torch import: that happens inside
     from coorddet.report import group_table, metrics_table
 
     result = evaluate(
