@@ -42,6 +42,8 @@ class DataConfig:
     num_workers: int = 0
     augment: bool = True
     augment_policy: str = "digits"
+    train_split: str = "train"  # ROOT/annotations/instances_{split}.json + ROOT/{split}/
+    val_split: str = "val"
 
 
 @dataclass

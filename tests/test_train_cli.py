@@ -69,7 +69,7 @@ def test_help_lists_every_flag() -> None:
         "--config --coordconv --no-coordconv --coordconv-sites --with-r --backbone --data --out "
         "--max-epochs --batch-size --lr --optimizer --seed --accelerator --devices --strategy "
         "--num-nodes --precision --num-workers --augment --no-augment --resume "
-        "--limit-train-batches --limit-val-batches --quiet --overwrite"
+        "--limit-train-batches --limit-val-batches --quiet --overwrite --train-split --val-split"
     ).split()
     for flag in flags:
         assert flag in result.stdout, flag
@@ -127,6 +127,30 @@ def test_same_seed_same_metrics_and_overwrite(
     assert "loss" in result.stdout and "img_s" in result.stdout, result.stdout[-2000:]
     assert "Tip" not in result.stdout + result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_split_flags_train_on_coco_2017_style_names(
+    smoke_runs: dict[str, Path], tiny_dataset: Path, tmp_path: Path
+) -> None:
+    """The tiny dataset with COCO 2017's split names trains as the smoke baseline did."""
+    data = tmp_path / "coco2017"
+    for split, renamed in (("train", "train2017"), ("val", "val2017")):
+        shutil.copytree(tiny_dataset / split, data / renamed)
+        (data / "annotations").mkdir(exist_ok=True)
+        shutil.copy(
+            tiny_dataset / "annotations" / f"instances_{split}.json",
+            data / "annotations" / f"instances_{renamed}.json",
+        )
+    plain = train("--data", data, "--out", tmp_path / "plain", "--no-coordconv", "--quiet")
+    assert plain.returncode == 2 and "instances_train.json" in plain.stderr
+    assert "splits there: train2017, val2017" in plain.stderr
+    out = tmp_path / "run"
+    result = train("--data", data, "--out", out, "--no-coordconv", "--quiet",
+                   "--train-split", "train2017", "--val-split", "val2017")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_metrics(metric_values(out), metric_values(smoke_runs["baseline"]), tol=0.0)
+    saved = yaml.safe_load((out / "config.yaml").read_text())["data"]
+    assert (saved["train_split"], saved["val_split"]) == ("train2017", "val2017")
 
 
 # --- DDP -----------------------------------------------------------------------------------

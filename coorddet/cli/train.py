@@ -64,6 +64,10 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Any, dict[str, Any]]:
         metavar="DIR",
         help=f"dataset written by data_gen (default: {DataConfig.data_dir})",
     )
+    add("--train-split", metavar="NAME", help="split to train on, e.g. train2017 (default: "
+        f"{DataConfig.train_split})")  # fmt: skip
+    add("--val-split", metavar="NAME", help="split to validate on, e.g. val2017 (default: "
+        f"{DataConfig.val_split})")  # fmt: skip
     add("--max-epochs", type=int, help="epochs to train")
     add("--batch-size", type=int, help="images per batch per device")
     add("--lr", type=float, help="peak learning rate")
@@ -92,6 +96,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Any, dict[str, Any]]:
         "coordconv": "model.coordconv", "with_r": "model.with_r", "backbone": "model.backbone",
         "data": "data.data_dir", "batch_size": "data.batch_size",
         "num_workers": "data.num_workers", "augment": "data.augment",
+        "train_split": "data.train_split", "val_split": "data.val_split",
         "lr": "optim.lr", "optimizer": "optim.optimizer",
         "max_epochs": "trainer.max_epochs", "accelerator": "trainer.accelerator",
         "devices": "trainer.devices", "strategy": "trainer.strategy",
@@ -188,7 +193,8 @@ def train_command(argv: Sequence[str] | None = None) -> int:
     raw = load_yaml(args.config) if args.config else {}
     config = build_config(raw, overrides)
     # Quick checks first: a mistake is reported before the seconds-long imports below.
-    require_dataset(config.data.data_dir, ["train", "val"], flag="--data")  # the splits it reads
+    data = config.data
+    require_dataset(data.data_dir, [data.train_split, data.val_split], flag="--data")
     if not is_rank_zero():  # a DDP process started by process 0, which holds the run directory
         return _train(args, argv, raw, overrides, config)
     with hold_folder(config.out_dir):  # before any check of it: they hold only while it is held
