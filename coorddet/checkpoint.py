@@ -37,6 +37,7 @@ class LoadedCheckpoint:
     path: Path
     config: dict[str, Any]  # the resolved run config (name, seed, data, model, optim, ...)
     categories: list[dict[str, Any]] | None  # [{id, name}] of the training data
+    category_ids: list[int] | None  # label k -> category_ids[k - 1]; None: label k is id k
     state_dict: dict[str, torch.Tensor]  # the detector's weights (no "model." prefix)
 
     @property
@@ -70,7 +71,7 @@ class LoadedCheckpoint:
                     f"({shown}{more}); evaluate on data with the same categories"
                 )
         num_classes = int(self.config["model"].get("num_classes", 0))
-        if max(data) >= num_classes:
+        if self.category_ids is None and max(data) >= num_classes:
             raise UserError(
                 f"{self.path}: its model has {num_classes - 1} classes but {where} uses "
                 f"category id {max(data)}"
@@ -133,8 +134,13 @@ def load_checkpoint(path: str | Path, *, trust: bool = False) -> LoadedCheckpoin
         raise UserError(f"{path}: checkpoint has no model weights")
     weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
     categories = entry.get("categories")
+    category_ids = entry.get("category_ids")
     return LoadedCheckpoint(
-        path, config, categories if isinstance(categories, list) else None, weights
+        path,
+        config,
+        categories if isinstance(categories, list) else None,
+        [int(i) for i in category_ids] if isinstance(category_ids, list) else None,
+        weights,
     )
 
 

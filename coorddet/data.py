@@ -11,7 +11,8 @@ contract written by ``data_gen``, :mod:`coorddet.dataset_layout`)::
 Every file is checked when a split is opened; anything wrong raises
 :class:`coorddet.errors.UserError` with one line naming the file and the problem. Each split
 is decoded once into memory (11,000 64x64 canvases are ~45 MB), so ``__getitem__`` reads no
-files. Labels are COCO category ids (``data_gen``: digit + 1); 0 is the background.
+files. Labels are contiguous, 1 for the smallest category id and so on (``data_gen``'s ids are
+digit + 1, 1..10, so there its labels are its ids); 0 is the background.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class CocoDataset(Dataset):
 
     - ``image``: float32 ``(1, H, W)`` in ``[0, 1]``;
     - ``target["boxes"]``: float32 ``(K, 4)`` xyxy, pixels (``(0, 4)`` when augmentation
-      dropped every box); ``target["labels"]``: int64 ``(K,)`` category ids;
+      dropped every box); ``target["labels"]``: int64 ``(K,)`` labels (see ``category_ids``);
       ``target["image_id"]``: int64 0-dim; ``target["area"]``: float32 ``(K,)``, the target
       box's ``w * h``; ``target["iscrowd"]``: int64 ``(K,)`` zeros.
 
@@ -59,7 +60,9 @@ class CocoDataset(Dataset):
         coco: the ``pycocotools.coco.COCO`` index of the split's JSON.
         image_ids: COCO image ids in dataset order (ascending).
         categories: the JSON's category dicts, by ascending id.
-        num_classes: max category id + 1 (background included).
+        category_ids: those ids; the target label of ``category_ids[k]`` is ``k + 1``
+            (labels are contiguous whatever the ids: COCO's 1..90 with gaps become 1..80).
+        num_classes: ``len(category_ids) + 1`` (background included).
     """
 
     def __init__(self, root: str | Path, split: str, transforms: Callable | None = None) -> None:
@@ -81,7 +84,9 @@ class CocoDataset(Dataset):
             self.coco.createIndex()
         self.image_ids: list[int] = sorted(self.coco.imgs)
         self.categories: list[dict[str, Any]] = [self.coco.cats[c] for c in sorted(self.coco.cats)]
-        self.num_classes = max(self.coco.cats) + 1
+        self.category_ids: list[int] = sorted(self.coco.cats)
+        self.num_classes = len(self.category_ids) + 1
+        label_of = {category_id: k + 1 for k, category_id in enumerate(self.category_ids)}
 
         images = [self.coco.imgs[i] for i in self.image_ids]
         self._sizes = np.array([(im["height"], im["width"]) for im in images], dtype=np.int64)
@@ -92,7 +97,7 @@ class CocoDataset(Dataset):
         for image_id in self.image_ids:
             anns = [a for a in self.coco.imgToAnns[image_id] if not a["iscrowd"]]
             boxes += [a["bbox"] for a in anns]
-            labels += [a["category_id"] for a in anns]
+            labels += [label_of[a["category_id"]] for a in anns]
             ann_start.append(len(labels))
         self._boxes = np.array(boxes, dtype=np.float32).reshape(-1, 4)  # COCO xywh, pixels
         self._labels = np.array(labels, dtype=np.int64)

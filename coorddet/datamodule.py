@@ -89,6 +89,12 @@ class CocoDataModule(L.LightningDataModule):
             self.train_dataset = CocoDataset(settings.data_dir, settings.train_split, transforms)
         if stage in (None, "fit", "validate") and self.val_dataset is None:
             self.val_dataset = CocoDataset(settings.data_dir, settings.val_split)
+        train, val = self.train_dataset, self.val_dataset
+        if train is not None and val is not None and train.categories != val.categories:
+            raise UserError(
+                f"{settings.data_dir}: splits {settings.train_split} and {settings.val_split} "
+                "have different 'categories'; give both splits the same list (ids and names)"
+            )
 
     def train_dataloader(self) -> DataLoader:
         dataset = self._opened(self.train_dataset, "train")

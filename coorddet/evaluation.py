@@ -246,7 +246,7 @@ def evaluate(
         from coorddet.metrics import evaluate_records, ground_truth, per_gt_ious
         from coorddet.models import is_rpn_only
         from coorddet.plots import plot_detections, plot_iou_distribution
-        from coorddet.predictions import ImagePrediction, to_coco_results
+        from coorddet.predictions import ImagePrediction, to_coco_results, with_category_ids
         from coorddet.report import aggregate_groups, render_report, staged_dir
 
         dataset = _open_dataset(data, split)
@@ -269,10 +269,11 @@ def evaluate(
             model = checkpoint.build_model()
             if is_rpn_only(model):
                 proposals_only.add(name)
-            runs[name] = _predict(
+            records = _predict(
                 model, dataset, torch_device, name, batch_size=batch_size, rpn_top_k=rpn_top_k,
                 rpn_nms_iou=rpn_nms_iou, quiet=quiet,
             )  # fmt: skip
+            runs[name] = with_category_ids(records, checkpoint.category_ids)
             sources[name] = f"`{checkpoint.path}` ({checkpoint.describe(sizes)})"
             groups.setdefault(group_name, []).append(name)
             if baseline is None and not checkpoint.coordconv:

@@ -21,7 +21,7 @@ from coorddet.checkpoint import CHECKPOINT_KEY
 from coorddet.inference import predict_with_proposals
 from coorddet.metrics import METRIC_KEYS, evaluate_records
 from coorddet.models import is_rpn_only
-from coorddet.predictions import ImagePrediction
+from coorddet.predictions import ImagePrediction, with_category_ids
 
 CHECKPOINT_FORMAT = 1
 
@@ -134,13 +134,15 @@ class DetectionModule(L.LightningModule):
     def validation_step(self, batch: tuple[list[Tensor], list[dict]], batch_idx: int) -> None:
         images, targets = batch
         image_ids = [int(t["image_id"]) for t in targets]
-        self._val_records += predict_with_proposals(
+        records = predict_with_proposals(
             self.model,
             list(images),
             image_ids=image_ids,
             top_k=self.hparams.rpn_top_k,
             nms_iou=self.hparams.rpn_nms_iou,
         )
+        category_ids = self.trainer.datamodule.val_dataset.category_ids
+        self._val_records += with_category_ids(records, category_ids)
 
     def on_validation_epoch_end(self) -> None:
         records, self._val_records = self._val_records, []
@@ -212,9 +214,11 @@ class DetectionModule(L.LightningModule):
             "format": CHECKPOINT_FORMAT,
             "config": self.hparams.run_config,
             # {id, name} of the training data: evaluation refuses data with other categories.
-            "categories": [{"id": int(c["id"]), "name": str(c["name"])} for c in dataset.categories]
-            if dataset is not None
-            else None,
+            "categories": None
+            if dataset is None
+            else [{"id": int(c["id"]), "name": str(c["name"])} for c in dataset.categories],
+            # the model's label k is category_ids[k - 1] (absent in older checkpoints: k itself)
+            "category_ids": None if dataset is None else [int(i) for i in dataset.category_ids],
         }
 
 

@@ -8,7 +8,8 @@ results format (``image_id, category_id, bbox [x, y, w, h], score``) is converte
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import dataclasses
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +47,18 @@ class ImagePrediction:
     def empty(cls, image_id: int) -> ImagePrediction:
         """No detections (and no proposals) for ``image_id``."""
         return cls(image_id, torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.int64))
+
+
+def with_category_ids(
+    records: Sequence[ImagePrediction], category_ids: Sequence[int] | None
+) -> list[ImagePrediction]:
+    """Records whose model labels (1..K) are replaced by the dataset's category ids:
+    label ``k`` -> ``category_ids[k - 1]`` (:attr:`coorddet.data.CocoDataset.category_ids`).
+    ``None``, or ids that are already 1..K, leave the records as they are."""
+    if category_ids is None or list(category_ids) == list(range(1, len(category_ids) + 1)):
+        return list(records)
+    lookup = torch.tensor([0, *category_ids], dtype=torch.int64)
+    return [dataclasses.replace(r, labels=lookup[r.labels]) for r in records]
 
 
 def dedupe_records(records: Iterable[ImagePrediction]) -> list[ImagePrediction]:

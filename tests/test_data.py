@@ -413,3 +413,37 @@ def test_main_process_loading_is_reproducible_under_torch_seed(root):
         a.shape != b.shape or not torch.equal(a, b)
         for a, b in zip(one_epoch(0), one_epoch(1), strict=True)
     )
+
+
+def remap_category_ids(root: Path, ids: list[int], splits=("train", "val", "test")) -> None:
+    """Give ``root``'s categories 1..K the ids ``ids`` (in the same order), in every split."""
+    for split in splits:
+        path = annotation_file(root, split)
+        if not path.is_file():
+            continue
+        data = json.loads(path.read_text())
+        new = dict(zip(range(1, len(ids) + 1), ids, strict=True))
+        for category in data["categories"]:
+            category["id"] = new[category["id"]]
+        for annotation in data["annotations"]:
+            annotation["category_id"] = new[annotation["category_id"]]
+        path.write_text(json.dumps(data))
+
+
+def test_non_contiguous_category_ids_become_contiguous_labels(root, tmp_path):
+    shutil.copytree(root, tmp_path / "data")
+    ids = [3, 7, 11, 19, 42, 50, 61, 70, 85, 90]
+    remap_category_ids(tmp_path / "data", ids)
+    original, remapped = CocoDataset(root, "train"), CocoDataset(tmp_path / "data", "train")
+    assert remapped.category_ids == ids and remapped.num_classes == 11
+    for index in range(len(original)):  # the same labels 1..10 as the ids 1..10 gave
+        assert torch.equal(original[index][1]["labels"], remapped[index][1]["labels"])
+    some = edit_json(lambda d: d.update(categories=d["categories"][:3]))
+    few = tmp_path / "few"
+    shutil.copytree(root, few)
+    data = json.loads(annotation_file(few, "val").read_text())
+    kept = {c["id"] for c in data["categories"][:3]}
+    data["annotations"] = [a for a in data["annotations"] if a["category_id"] in kept]
+    annotation_file(few, "val").write_text(json.dumps(data))
+    some(few)
+    assert CocoDataset(few, "val").num_classes == 4  # three categories + the background

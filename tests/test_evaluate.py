@@ -447,3 +447,41 @@ def test_killed_evaluation_leaves_the_old_report_untouched(tmp_path, tiny_datase
     assert process.returncode == -signal.SIGKILL
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["report"]
+
+
+def test_non_contiguous_category_ids_train_and_come_back_in_every_output(
+    tmp_path, tiny_dataset, report
+):
+    """The tiny dataset with category ids 3, 7, ... 90: num_classes comes from the categories,
+    the model learns labels 1..10 exactly as it did for ids 1..10 (same metrics), and the
+    predictions, metrics and plots speak the dataset's own ids."""
+    ids = [3, 7, 11, 19, 42, 50, 61, 70, 85, 90]
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    for split in ("train", "val", "test"):
+        path = data / "annotations" / f"instances_{split}.json"
+        document = json.loads(path.read_text())
+        for category in document["categories"]:
+            category["id"] = ids[category["id"] - 1]
+        for annotation in document["annotations"]:
+            annotation["category_id"] = ids[annotation["category_id"] - 1]
+        path.write_text(json.dumps(document))
+    run = tmp_path / "run"
+    trained = run_cli("train.py", "--config", "configs/smoke.yaml", "--data", str(data),
+                      "--out", str(run), "--no-coordconv", "--quiet")  # fmt: skip
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert "num_classes: 11" in (run / "config.yaml").read_text()
+    result = evaluate_cli("--data", data, "--out", tmp_path / "report", "--quiet",
+                          run / "checkpoints" / "best.ckpt")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert metrics["baseline"] == report.metrics["baseline"]  # the smoke baseline, ids 1..10
+    results = json.loads((tmp_path / "report" / "predictions_baseline.json").read_text())
+    assert results and {r["category_id"] for r in results} <= set(ids)
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO(str(data / "annotations" / "instances_test.json"))
+        evaluator = COCOeval(coco_gt, coco_gt.loadRes(results), "bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    assert metrics["baseline"]["map"] == pytest.approx(float(evaluator.stats[0]), abs=1e-12)

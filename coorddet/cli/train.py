@@ -121,7 +121,9 @@ def number(text: str) -> int | float:
         return float(text)  # argparse turns the ValueError into a one-line error
 
 
-def _open_data(config: TrainConfig) -> Any:
+def _open_data(config: TrainConfig, *, classes_from_data: bool) -> Any:
+    """The opened datamodule; ``classes_from_data``: set ``model.num_classes`` to the
+    dataset's categories + 1 (the background), else check that the set value holds them."""
     from coorddet.datamodule import CocoDataModule
 
     hint = data_gen_hint(config.data.data_dir)
@@ -134,9 +136,11 @@ def _open_data(config: TrainConfig) -> Any:
             message += f" (create a dataset with: {hint})"
         raise UserError(message) from None
     classes = datamodule.train_dataset.num_classes
-    if classes > config.model["num_classes"]:
+    if classes_from_data:
+        config.model["num_classes"] = classes
+    elif classes > config.model["num_classes"]:
         raise UserError(
-            f"{config.data.data_dir} has category ids up to {classes - 1} but model.num_classes "
+            f"{config.data.data_dir} has {classes - 1} categories but model.num_classes "
             f"is {config.model['num_classes']} (it counts the background); set it to {classes}"
         )
     return datamodule
@@ -238,7 +242,8 @@ def _train(
                 file=sys.stderr,
             )
             return 0
-    datamodule = _open_data(config)
+    explicit_classes = resume is not None or "num_classes" in (raw.get("model") or {})
+    datamodule = _open_data(config, classes_from_data=not explicit_classes)
     L.seed_everything(config.seed, workers=True, verbose=not args.quiet)
     module = _build_module(config, resume)
     trainer = build_trainer(config, quiet=args.quiet, resume_command=resume_command(argv))
