@@ -55,6 +55,17 @@ def truth_as_results(data: Path) -> list[dict]:
     ]
 
 
+def rescore(data: Path, results: list[dict]) -> list[float]:
+    """pycocotools' own COCOeval (bbox) ``stats[0:9]`` of ``results`` on ``data``'s test split."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO(str(data / "annotations" / "instances_test.json"))
+        evaluator = COCOeval(coco_gt, coco_gt.loadRes(results), "bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return [float(stat) for stat in evaluator.stats[:9]]
+
+
 def write(path: Path, data: object) -> Path:
     path.write_text(json.dumps(data))
     return path
@@ -134,13 +145,7 @@ def test_predictions_rescored_by_pycocotools_give_metrics_json(report, tiny_data
     results = json.loads((report.out / f"predictions_{run}.json").read_text())
     assert results, "the smoke checkpoints detect something (box_score_thresh 0.05)"
     assert set(results[0]) == {"image_id", "category_id", "bbox", "score"}
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco_gt = COCO(str(tiny_dataset / "annotations" / "instances_test.json"))
-        evaluator = COCOeval(coco_gt, coco_gt.loadRes(results), "bbox")
-        evaluator.evaluate()
-        evaluator.accumulate()
-        evaluator.summarize()
-    for key, stat in zip(METRIC_KEYS[:9], evaluator.stats[:9], strict=True):
+    for key, stat in zip(METRIC_KEYS[:9], rescore(tiny_dataset, results), strict=True):
         expected = report.metrics[run][key]
         if stat < 0:
             assert expected is None, key
@@ -478,10 +483,4 @@ def test_non_contiguous_category_ids_train_and_come_back_in_every_output(
     assert metrics["baseline"] == report.metrics["baseline"]  # the smoke baseline, ids 1..10
     results = json.loads((tmp_path / "report" / "predictions_baseline.json").read_text())
     assert results and {r["category_id"] for r in results} <= set(ids)
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco_gt = COCO(str(data / "annotations" / "instances_test.json"))
-        evaluator = COCOeval(coco_gt, coco_gt.loadRes(results), "bbox")
-        evaluator.evaluate()
-        evaluator.accumulate()
-        evaluator.summarize()
-    assert metrics["baseline"]["map"] == pytest.approx(float(evaluator.stats[0]), abs=1e-12)
+    assert metrics["baseline"]["map"] == pytest.approx(rescore(data, results)[0], abs=1e-12)
