@@ -79,12 +79,19 @@ class LoadedCheckpoint:
 
     def describe(self, image_sizes: set[tuple[int, int]]) -> str:
         """``CoordConv, seed 0``, plus a note when the model resizes images of these
-        ``(width, height)`` sizes (it was built for square ``canvas_size`` canvases)."""
+        ``(width, height)`` sizes (torchvision's rule with its ``min_size``/``max_size``)."""
         text = f"{'CoordConv' if self.coordconv else 'no CoordConv'}, seed {self.seed}"
-        canvas = self.config["model"].get("canvas_size")
-        if canvas is not None and image_sizes != {(canvas, canvas)}:
-            shown = ", ".join(f"{w}x{h}" for w, h in sorted(image_sizes)[:3])
-            text += f"; trained on {canvas} px canvases, so it resizes these {shown} images"
+        model = self.config["model"]
+        canvas = model.get("canvas_size")
+        low, high = model.get("min_size") or canvas, model.get("max_size") or canvas
+        if low is None or high is None:
+            return text
+        resized = sorted(
+            (w, h) for w, h in image_sizes if min(low / min(w, h), high / max(w, h)) != 1.0
+        )
+        if resized:
+            shown = ", ".join(f"{w}x{h}" for w, h in resized[:3])
+            text += f"; min_size {low}, max_size {high}, so it resizes these {shown} images"
         return text
 
     def build_model(self, **overrides: Any) -> GeneralizedRCNN:

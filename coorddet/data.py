@@ -103,6 +103,11 @@ class CocoDataset(Dataset):
         self._labels = np.array(labels, dtype=np.int64)
         self._ann_start = np.array(ann_start, dtype=np.int64)
 
+    @property
+    def image_sizes(self) -> set[tuple[int, int]]:
+        """Every ``(width, height)`` of the split's images."""
+        return {(int(width), int(height)) for height, width in self._sizes.tolist()}
+
     def __len__(self) -> int:
         return len(self.image_ids)
 

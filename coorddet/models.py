@@ -178,6 +178,26 @@ def _roi_heads(
     )
 
 
+TORCHVISION_SIZES = (800, 1333)  # torchvision's min_size, max_size for COCO-sized images
+
+
+def default_image_sizes(backbone: str, image_sizes: set[tuple[int, int]]) -> tuple[int, int]:
+    """``(min_size, max_size)`` for a dataset of these ``(width, height)`` image sizes.
+
+    One size: its short and long side, so images are never resized (64 px canvases: 64, 64).
+    Several: torchvision's 800 and 1333 for the FPN backbones; for ``mnist-small``, built for
+    small canvases, the largest short and long sides, so no image is shrunk.
+    """
+    if not image_sizes:
+        raise ValueError("image_sizes is empty")
+    if len(image_sizes) == 1:
+        ((width, height),) = image_sizes
+        return min(width, height), max(width, height)
+    if backbone != "mnist-small":
+        return TORCHVISION_SIZES
+    return max(min(w, h) for w, h in image_sizes), max(max(w, h) for w, h in image_sizes)
+
+
 def is_rpn_only(model: nn.Module) -> bool:
     """True for :func:`build_model`'s ``detector="rpn-only"`` models (no detections)."""
     return isinstance(getattr(model, "roi_heads", None), NoRoIHeads)
@@ -191,6 +211,8 @@ def build_model(
     coordconv_sites: Sequence[str] = DEFAULT_SITES,
     with_r: bool = False,
     canvas_size: int = 64,
+    min_size: int | None = None,
+    max_size: int | None = None,
     pretrained: bool = False,
     anchor_sizes: Sequence | None = None,
     aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
@@ -225,8 +247,11 @@ def build_model(
         num_classes: including the background (11 = 10 digits + background).
         coordconv, coordconv_sites, with_r: inject CoordConv at these sites
             (:data:`coorddet.inject.SITES`) after building the baseline.
-        canvas_size: images are never resized (``min_size = max_size = canvas_size``), so
-            64 px canvases stay 64 px instead of torchvision's 800.
+        canvas_size: the default of ``min_size`` and ``max_size``: ``canvas_size`` px square
+            canvases are never resized (64 px stay 64 px instead of torchvision's 800).
+        min_size, max_size: torchvision's meaning: each image is scaled so that its short
+            side is ``min_size`` unless its long side would pass ``max_size``. ``None``:
+            ``canvas_size``. ``train.py`` sets them from the dataset (see README).
         pretrained: ImageNet backbone weights, only from the local torch hub cache
             (``torch.hub.get_dir()/checkpoints``); never downloads.
         anchor_sizes: pixels; one list for every feature map, or one list per map. ``None``:
@@ -295,6 +320,8 @@ def build_model(
     check_int("num_classes", num_classes, minimum=2)
     for name, value in [
         ("canvas_size", canvas_size),
+        ("min_size", canvas_size if min_size is None else min_size),
+        ("max_size", canvas_size if max_size is None else max_size),
         ("rpn_pre_nms_top_n_train", rpn_pre_nms_top_n_train),
         ("rpn_pre_nms_top_n_test", rpn_pre_nms_top_n_test),
         ("rpn_post_nms_top_n_train", rpn_post_nms_top_n_train),
@@ -350,7 +377,12 @@ def build_model(
             score_thresh=box_score_thresh,
             detections_per_img=box_detections_per_img,
         )
-    transform = GrayscaleTransform(canvas_size, canvas_size, mean, std)
+    transform = GrayscaleTransform(
+        canvas_size if min_size is None else min_size,
+        canvas_size if max_size is None else max_size,
+        mean,
+        std,
+    )
     model = GeneralizedRCNN(body, proposer, second_stage, transform)
     if coordconv:
         inject_coordconv(model, sites, with_r=with_r)

@@ -15,7 +15,7 @@ from torchvision.ops import MultiScaleRoIAlign
 
 from coorddet.backbones import MnistSmallBackbone
 from coorddet.coordconv import CoordConv2d
-from coorddet.models import BACKBONES, GrayscaleTransform, build_model
+from coorddet.models import BACKBONES, GrayscaleTransform, build_model, default_image_sizes
 from coorddet.poolers import ChannelsLastTwoMLPHead, MatmulRoIAlign, SingleMapRoIPool
 
 
@@ -278,3 +278,24 @@ def test_pretrained_never_downloads(backbone, tmp_path):
 
 def test_backbones_constant():
     assert BACKBONES == ("mnist-small", "resnet50-fpn", "mobilenet-v3-fpn")
+
+
+@pytest.mark.parametrize(
+    ("backbone", "sizes", "expected"),
+    [
+        ("mnist-small", {(64, 64)}, (64, 64)),  # one size: never resized
+        ("resnet50-fpn", {(640, 480)}, (480, 640)),
+        ("mobilenet-v3-fpn", {(200, 150), (96, 120)}, (800, 1333)),  # torchvision's
+        ("mnist-small", {(200, 150), (96, 120)}, (150, 200)),  # no image shrunk
+    ],
+)
+def test_default_image_sizes(backbone, sizes, expected):
+    assert default_image_sizes(backbone, sizes) == expected
+
+
+def test_min_and_max_size_are_torchvision_s():
+    model = build_model(min_size=48, max_size=80)
+    assert (model.transform.min_size, model.transform.max_size) == ((48,), 80)
+    images, _ = model.transform([torch.rand(1, 100, 60)])
+    assert images.image_sizes == [(80, 48)]  # short side 48, long side 80 (<= max_size)
+    assert build_model().transform.min_size == (64,)  # canvas_size

@@ -125,6 +125,7 @@ def test_same_seed_same_metrics_and_overwrite(
     assert_same_metrics(metric_values(out), metric_values(smoke_runs["baseline"]), tol=0.0)
     # Not quiet: the Rich progress bar shows the loss and images/s; no Lightning advert.
     assert "loss" in result.stdout and "img_s" in result.stdout, result.stdout[-2000:]
+    assert "images (64x64): model.min_size 64, model.max_size 64" in result.stdout
     assert "Tip" not in result.stdout + result.stderr
     assert "Traceback" not in result.stderr
 
@@ -149,8 +150,10 @@ def test_split_flags_train_on_coco_2017_style_names(
                    "--train-split", "train2017", "--val-split", "val2017")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_metrics(metric_values(out), metric_values(smoke_runs["baseline"]), tol=0.0)
-    saved = yaml.safe_load((out / "config.yaml").read_text())["data"]
-    assert (saved["train_split"], saved["val_split"]) == ("train2017", "val2017")
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert (saved["data"]["train_split"], saved["data"]["val_split"]) == ("train2017", "val2017")
+    model = saved["model"]  # resolved from the data: 64 px canvases are never resized
+    assert (model["num_classes"], model["min_size"], model["max_size"]) == (11, 64, 64)
 
 
 # --- DDP -----------------------------------------------------------------------------------

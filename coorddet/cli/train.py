@@ -121,10 +121,16 @@ def number(text: str) -> int | float:
         return float(text)  # argparse turns the ValueError into a one-line error
 
 
-def _open_data(config: TrainConfig, *, classes_from_data: bool) -> Any:
-    """The opened datamodule; ``classes_from_data``: set ``model.num_classes`` to the
-    dataset's categories + 1 (the background), else check that the set value holds them."""
+FROM_DATA = {"num_classes", "min_size", "max_size"}  # model settings the dataset decides
+
+
+def _open_data(config: TrainConfig, *, from_data: set[str], quiet: bool) -> Any:
+    """The opened datamodule. The model settings named in ``from_data`` (of :data:`FROM_DATA`)
+    are set from the training split: ``num_classes`` (its categories + 1, the background) and
+    ``min_size``/``max_size`` (:func:`coorddet.models.default_image_sizes`, printed once);
+    a ``num_classes`` set by the config is checked against the categories."""
     from coorddet.datamodule import CocoDataModule
+    from coorddet.models import default_image_sizes
 
     hint = data_gen_hint(config.data.data_dir)
     try:
@@ -135,8 +141,21 @@ def _open_data(config: TrainConfig, *, classes_from_data: bool) -> Any:
         if "data_gen" not in message:
             message += f" (create a dataset with: {hint})"
         raise UserError(message) from None
-    classes = datamodule.train_dataset.num_classes
-    if classes_from_data:
+    train = datamodule.train_dataset
+    if {"min_size", "max_size"} & from_data:
+        min_size, max_size = default_image_sizes(config.model["backbone"], train.image_sizes)
+        config.model.update({k: v for k, v in (("min_size", min_size), ("max_size", max_size))
+                             if k in from_data})  # fmt: skip
+        if not quiet:
+            sizes = sorted(train.image_sizes)
+            shown = ", ".join(f"{w}x{h}" for w, h in sizes[:3]) + (
+                ", ..." if len(sizes) > 3 else ""
+            )
+            print(f"images ({shown}): model.min_size {config.model['min_size']}, "
+                  f"model.max_size {config.model['max_size']} (torchvision's resizing; set "
+                  "them in the config to choose others)")  # fmt: skip
+    classes = train.num_classes
+    if "num_classes" in from_data:
         config.model["num_classes"] = classes
     elif classes > config.model["num_classes"]:
         raise UserError(
@@ -242,8 +261,11 @@ def _train(
                 file=sys.stderr,
             )
             return 0
-    explicit_classes = resume is not None or "num_classes" in (raw.get("model") or {})
-    datamodule = _open_data(config, classes_from_data=not explicit_classes)
+    explicit = set(raw.get("model") or {}) | {
+        key.removeprefix("model.") for key in overrides if key.startswith("model.")
+    }
+    from_data = set() if resume is not None else FROM_DATA - explicit
+    datamodule = _open_data(config, from_data=from_data, quiet=args.quiet)
     L.seed_everything(config.seed, workers=True, verbose=not args.quiet)
     module = _build_module(config, resume)
     trainer = build_trainer(config, quiet=args.quiet, resume_command=resume_command(argv))
