@@ -146,7 +146,7 @@ def _open_data(config: TrainConfig, *, from_data: set[str], quiet: bool) -> Any:
         min_size, max_size = default_image_sizes(config.model["backbone"], train.image_sizes)
         config.model.update({k: v for k, v in (("min_size", min_size), ("max_size", max_size))
                              if k in from_data})  # fmt: skip
-        if not quiet:
+        if not quiet and is_rank_zero():  # once, not once per DDP process
             sizes = sorted(train.image_sizes)
             shown = ", ".join(f"{w}x{h}" for w, h in sizes[:3]) + (
                 ", ..." if len(sizes) > 3 else ""
