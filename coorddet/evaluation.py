@@ -106,12 +106,6 @@ def _listing(values: Sequence[Any], limit: int = 10) -> str:
     return shown + (f", ... ({len(values)} in all)" if len(values) > limit else "")
 
 
-def _open_dataset(root: Path, split: str) -> Any:
-    from coorddet.data import CocoDataset
-
-    return CocoDataset(root, split)
-
-
 def _device(text: str) -> Any:
     import torch
 
@@ -243,13 +237,14 @@ def evaluate(
         torch_device = _device(device)
         loaded = [load_checkpoint(path, trust=trust_checkpoint) for path in checkpoints]
 
+        from coorddet.data import CocoDataset
         from coorddet.metrics import evaluate_records, ground_truth, per_gt_ious
         from coorddet.models import is_rpn_only
         from coorddet.plots import plot_detections, plot_iou_distribution
         from coorddet.predictions import ImagePrediction, to_coco_results, with_category_ids
         from coorddet.report import aggregate_groups, render_report, staged_dir
 
-        dataset = _open_dataset(data, split)
+        dataset = CocoDataset(data, split)
         for checkpoint in loaded:
             checkpoint.check_categories(dataset.categories, f"{dataset.root} split {dataset.split}")
         outside_records = [

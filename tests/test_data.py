@@ -438,12 +438,11 @@ def test_non_contiguous_category_ids_become_contiguous_labels(root, tmp_path):
     assert remapped.category_ids == ids and remapped.num_classes == 11
     for index in range(len(original)):  # the same labels 1..10 as the ids 1..10 gave
         assert torch.equal(original[index][1]["labels"], remapped[index][1]["labels"])
-    some = edit_json(lambda d: d.update(categories=d["categories"][:3]))
     few = tmp_path / "few"
     shutil.copytree(root, few)
     data = json.loads(annotation_file(few, "val").read_text())
-    kept = {c["id"] for c in data["categories"][:3]}
+    data["categories"] = data["categories"][:3]
+    kept = {c["id"] for c in data["categories"]}
     data["annotations"] = [a for a in data["annotations"] if a["category_id"] in kept]
     annotation_file(few, "val").write_text(json.dumps(data))
-    some(few)
     assert CocoDataset(few, "val").num_classes == 4  # three categories + the background

@@ -248,10 +248,11 @@ def _train(
     from coorddet.module import NonFiniteLossError, final_metrics
 
     resume = read_resume_point(checkpoint) if checkpoint else None
+    # Model settings the user gave (config file or flags): never replaced by the data's.
+    explicit = set(raw.get("model") or {}) | {
+        key.removeprefix("model.") for key in overrides if key.startswith("model.")
+    }
     if resume is not None:
-        explicit = set(raw.get("model") or {}) | {
-            key.removeprefix("model.") for key in overrides if key.startswith("model.")
-        }
         _resolve_resume(config, resume, explicit)
         if resume.completed_epochs >= config.trainer.max_epochs:
             print(
@@ -261,9 +262,6 @@ def _train(
                 file=sys.stderr,
             )
             return 0
-    explicit = set(raw.get("model") or {}) | {
-        key.removeprefix("model.") for key in overrides if key.startswith("model.")
-    }
     from_data = set() if resume is not None else FROM_DATA - explicit
     datamodule = _open_data(config, from_data=from_data, quiet=args.quiet)
     L.seed_everything(config.seed, workers=True, verbose=not args.quiet)
