@@ -35,7 +35,7 @@ class BackboneSpec:
     weights: WeightsEnum | None  # ImageNet weights for pretrained=True
 
 
-_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # Digits are 15-25 px (median box side ~17 px, smaller where the border cuts them), so anchor
 # sizes 12-24 px; resnet50-fpn: one size per FPN level (strides 4 .. 64) as torchvision does.
 # mnist-small's mean/std: the default data_gen canvases (mostly black, ~2.4 digits each).
@@ -51,16 +51,16 @@ BACKBONE_SPECS = {
     "resnet50-fpn": BackboneSpec(
         feature_maps=5,
         roi_maps=("0", "1", "2", "3"),
-        image_mean=_IMAGENET_MEAN,
-        image_std=_IMAGENET_STD,
+        image_mean=IMAGENET_MEAN,
+        image_std=IMAGENET_STD,
         anchor_sizes=((12,), (18,), (24,), (36,), (48,)),
         weights=ResNet50_Weights.IMAGENET1K_V1,
     ),
     "mobilenet-v3-fpn": BackboneSpec(
         feature_maps=3,
         roi_maps=("0", "1", "2", "3"),
-        image_mean=_IMAGENET_MEAN,
-        image_std=_IMAGENET_STD,
+        image_mean=IMAGENET_MEAN,
+        image_std=IMAGENET_STD,
         anchor_sizes=(12, 18, 24),
         weights=MobileNet_V3_Large_Weights.IMAGENET1K_V1,
     ),
@@ -119,11 +119,14 @@ def pretrained_weights(name: str) -> WeightsEnum:
     return spec.weights
 
 
-def build_backbone(name: str, *, pretrained: bool, padding: str, init: str) -> nn.Module:
-    """The backbone network ``name`` (one of :data:`BACKBONES`), with ``out_channels``."""
+def build_backbone(
+    name: str, *, pretrained: bool, padding: str, init: str, in_channels: int = 1
+) -> nn.Module:
+    """The backbone network ``name`` (one of :data:`BACKBONES`), with ``out_channels``.
+    ``in_channels`` applies to ``mnist-small``; the ImageNet backbones take 3."""
     weights = pretrained_weights(name) if pretrained else None
     if name == "mnist-small":
-        backbone = MnistSmallBackbone(padding=padding)
+        backbone = MnistSmallBackbone(in_channels, padding=padding)
         if init == "he-normal":
             for module in backbone.modules():
                 if isinstance(module, nn.Conv2d):

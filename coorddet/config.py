@@ -44,6 +44,7 @@ class DataConfig:
     augment_policy: str = "digits"
     train_split: str = "train"  # ROOT/annotations/instances_{split}.json + ROOT/{split}/
     val_split: str = "val"
+    decode: str = "auto"  # auto | memory | lazy (coorddet.data: when images stay in memory)
 
 
 @dataclass

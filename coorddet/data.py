@@ -1,17 +1,29 @@
-"""COCO detection data: a ``data_gen`` dataset on disk -> ``(image, target)`` pairs for Faster R-CNN.
+"""COCO detection data: a dataset on disk -> ``(image, target)`` pairs for Faster R-CNN.
 
 :class:`CocoDataset` reads one split; :func:`collate_detection` batches it. Layout read (the
 contract written by ``data_gen``, :mod:`coorddet.dataset_layout`)::
 
     ROOT/annotations/instances_{split}.json   COCO: images, annotations (bbox [x, y, w, h] px), categories
-    ROOT/{split}/<file_name>                  8-bit grayscale PNGs, width x height as in the JSON
+    ROOT/{split}/<file_name>                  images (PNG, JPEG, ...; gray or colour), width x
+                                              height as in the JSON; file_name may hold folders
     ROOT/dataset.json                         optional; "boxes": "placement" allows boxes that
                                               lie outside the image (data_gen --boxes placement)
 
-Every file is checked when a split is opened; anything wrong raises
-:class:`coorddet.errors.UserError` with one line naming the file and the problem. Each split
-is decoded once into memory (11,000 64x64 canvases are ~45 MB), so ``__getitem__`` reads no
-files. Labels are contiguous, 1 for the smallest category id and so on (``data_gen``'s ids are
+The JSON is checked when a split is opened; anything wrong raises
+:class:`coorddet.errors.UserError` with one line naming the file and the problem. Images are
+read by :mod:`coorddet.images` (its table says how each Pillow mode is converted). A split is
+gray (1 channel) when every image is, else colour (3 channels; gray images are replicated).
+
+Decoding (``decode="auto"``): a split whose images take at most :data:`IN_MEMORY_BYTES` as RGB
+(width x height x 3 summed over the JSON's images: 87,381 64x64 canvases, or 1,165 640x480
+photos) is decoded once into memory when opened, so ``__getitem__`` reads no files (11,000
+64x64 canvases are ~45 MB). A larger split is decoded lazily, one image per ``__getitem__``, in
+the DataLoader's workers (``data.num_workers``); opening it reads every file's header (size,
+mode, EXIF orientation) but no pixels, and the per-image records are numpy arrays, so workers
+do not copy them as they read (Python objects would be, page by page, as their reference
+counts change). A broken file found by a worker raises the same one-line error.
+
+Labels are contiguous, 1 for the smallest category id and so on (``data_gen``'s ids are
 digit + 1, 1..10, so there its labels are its ids); 0 is the background.
 """
 
@@ -26,27 +38,29 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
 from coorddet.boxes import xywh_to_xyxy
 from coorddet.dataset_layout import annotation_file, image_folder, require_dataset
 from coorddet.errors import UserError
-from coorddet.validate import is_int, is_number
+from coorddet.images import image_channels, read_image
+from coorddet.validate import check_choice, is_int, is_number
 
 Target = dict[str, torch.Tensor]
 
 
 VISIBLE_BOXES, PLACEMENT_BOXES = "visible", "placement"  # dataset.json "boxes" (data_gen --boxes)
+DECODE_MODES = ("auto", "memory", "lazy")
+IN_MEMORY_BYTES = 1 << 30  # decode="auto": splits up to this size as RGB stay in memory
 
 
 class CocoDataset(Dataset):
-    """One split of a COCO detection dataset, checked and decoded into memory.
+    """One split of a COCO detection dataset, checked, decoded into memory or lazily.
 
     ``dataset[i]`` returns ``(image, target)``:
 
-    - ``image``: float32 ``(1, H, W)`` in ``[0, 1]``;
+    - ``image``: float32 ``(C, H, W)`` in ``[0, 1]``, ``C = channels``;
     - ``target["boxes"]``: float32 ``(K, 4)`` xyxy, pixels (``(0, 4)`` when augmentation
       dropped every box); ``target["labels"]``: int64 ``(K,)`` labels (see ``category_ids``);
       ``target["image_id"]``: int64 0-dim; ``target["area"]``: float32 ``(K,)``, the target
@@ -54,7 +68,8 @@ class CocoDataset(Dataset):
 
     Crowd annotations (``iscrowd=1``) are checked but left out of the targets (they stay in
     ``.coco`` for COCOeval). ``transforms`` is a :mod:`coorddet.transforms` policy (``None``:
-    no augmentation).
+    no augmentation). ``decode``: ``"auto"`` (see the module's docstring), ``"memory"`` or
+    ``"lazy"``.
 
     Attributes:
         coco: the ``pycocotools.coco.COCO`` index of the split's JSON.
@@ -63,9 +78,19 @@ class CocoDataset(Dataset):
         category_ids: those ids; the target label of ``category_ids[k]`` is ``k + 1``
             (labels are contiguous whatever the ids: COCO's 1..90 with gaps become 1..80).
         num_classes: ``len(category_ids) + 1`` (background included).
+        channels: 1 when every image is gray, else 3.
+        in_memory: whether the images were decoded when the split was opened.
     """
 
-    def __init__(self, root: str | Path, split: str, transforms: Callable | None = None) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        split: str,
+        transforms: Callable | None = None,
+        *,
+        decode: str = "auto",
+    ) -> None:
+        check_choice("decode", decode, DECODE_MODES, error=UserError)
         self.root = Path(root)
         self.split = split
         self.transforms = transforms
@@ -90,8 +115,21 @@ class CocoDataset(Dataset):
 
         images = [self.coco.imgs[i] for i in self.image_ids]
         self._sizes = np.array([(im["height"], im["width"]) for im in images], dtype=np.int64)
-        self._pixel_start = np.concatenate([[0], np.cumsum(self._sizes.prod(axis=1))])
-        self._pixels = _decode_images(images, image_folder(self.root, split), json_path)
+        self._ids = np.array(self.image_ids, dtype=np.int64)
+        self._folder = image_folder(self.root, split)
+        if not self._folder.is_dir():
+            raise UserError(f"{self._folder}: image folder for {json_path.name} not found")
+        self._json_path = json_path
+        names = [im["file_name"].encode() for im in images]
+        self._names = b"".join(names)  # one object: workers reading it copy nothing
+        self._name_start = np.cumsum([0, *map(len, names)])
+        rgb_bytes = int(self._sizes.prod(axis=1).sum()) * 3
+        self.in_memory = decode == "memory" or (decode == "auto" and rgb_bytes <= IN_MEMORY_BYTES)
+        self._pixels: np.ndarray | None = None
+        if self.in_memory:
+            self._pixels, self._pixel_start, self.channels = self._decode_all()
+        else:
+            self.channels = max(image_channels(*self._file(i)) for i in range(len(images)))
 
         boxes, labels, ann_start = [], [], [0]
         for image_id in self.image_ids:
@@ -113,9 +151,14 @@ class CocoDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, Target]:
         index = range(len(self))[index]  # negative indices; IndexError past the end
-        height, width = (int(v) for v in self._sizes[index])
-        pixels = self._pixels[self._pixel_start[index] : self._pixel_start[index + 1]]
-        pixels = pixels.reshape(height, width)
+        if self._pixels is None:
+            pixels = read_image(*self._file(index), channels=self.channels)
+            pixels = np.require(pixels, requirements="W")  # Pillow's arrays are read-only
+        else:
+            height, width = (int(v) for v in self._sizes[index])
+            pixels = self._pixels[self._pixel_start[index] : self._pixel_start[index + 1]]
+            shape = (height, width) if self.channels == 1 else (height, width, 3)
+            pixels = pixels.reshape(shape)
         boxes = self._boxes[self._ann_start[index] : self._ann_start[index + 1]]
         labels = self._labels[self._ann_start[index] : self._ann_start[index + 1]]
         if self.transforms is not None:
@@ -123,17 +166,45 @@ class CocoDataset(Dataset):
             pixels = out["image"]
             boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
             labels = np.asarray(out["labels"], dtype=np.int64).reshape(-1)
-        if pixels.dtype != np.uint8 or pixels.ndim != 2:
-            raise TypeError(f"transforms must return an (H, W) uint8 image, got {pixels.shape}")
-        image = torch.from_numpy(np.ascontiguousarray(pixels)).to(torch.float32).div_(255.0)
+        if pixels.dtype != np.uint8 or pixels.ndim != (2 if self.channels == 1 else 3):
+            raise TypeError(
+                f"transforms must return an {'(H, W)' if self.channels == 1 else '(H, W, 3)'} "
+                f"uint8 image, got {pixels.dtype} {pixels.shape}"
+            )
+        if self.channels == 1:
+            image = torch.from_numpy(np.ascontiguousarray(pixels)).to(torch.float32).div_(255.0)
+            image = image.unsqueeze(0)
+        else:  # (H, W, 3) -> (3, H, W), converted and laid out in one copy
+            image = torch.from_numpy(pixels).permute(2, 0, 1)
+            image = image.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
         target = {
             "boxes": torch.from_numpy(xywh_to_xyxy(boxes)),
             "labels": torch.from_numpy(labels.copy()),
-            "image_id": torch.tensor(self.image_ids[index], dtype=torch.int64),
+            "image_id": torch.tensor(self._ids[index], dtype=torch.int64),
             "area": torch.from_numpy((boxes[:, 2] * boxes[:, 3]).astype(np.float32)),
             "iscrowd": torch.zeros(len(labels), dtype=torch.int64),
         }
-        return image.unsqueeze(0), target
+        return image, target
+
+    def _file(self, index: int) -> tuple[Path, tuple[int, int], str]:
+        """``(file, (width, height), where)`` of image ``index``, for :mod:`coorddet.images`."""
+        name = self._names[self._name_start[index] : self._name_start[index + 1]].decode()
+        height, width = (int(v) for v in self._sizes[index])
+        return (
+            self._folder / name,
+            (width, height),
+            f"image id {self._ids[index]} in {self._json_path}",
+        )
+
+    def _decode_all(self) -> tuple[np.ndarray, np.ndarray, int]:
+        """Every image into one flat uint8 buffer, in dataset order: ``(pixels, starts,
+        channels)``; image ``i`` is ``pixels[starts[i]:starts[i + 1]]``."""
+        arrays = [read_image(*self._file(i)) for i in range(len(self))]
+        channels = 3 if any(a.ndim == 3 for a in arrays) else 1
+        if channels == 3:  # a gray image among colour ones: Pillow's L -> RGB
+            arrays = [a if a.ndim == 3 else np.repeat(a[:, :, None], 3, axis=2) for a in arrays]
+        starts = np.cumsum([0, *(a.size for a in arrays)])
+        return np.concatenate([a.reshape(-1) for a in arrays]), starts, channels
 
     def reseed(self, seed: int) -> None:
         """Restart the augmentation's random stream (no-op without transforms)."""
@@ -266,30 +337,6 @@ def _unique_ids(entries: list[Any], path: Path, key: str) -> dict[int, dict[str,
             raise UserError(f"{path}: '{key}' has id {entry_id} twice")
         by_id[entry_id] = entry
     return by_id
-
-
-def _decode_images(images: list[dict[str, Any]], folder: Path, json_path: Path) -> np.ndarray:
-    """Decode every image as grayscale into one flat uint8 buffer, in ``images`` order."""
-    if not folder.is_dir():
-        raise UserError(f"{folder}: image folder for {json_path.name} not found")
-    decoded = []
-    for image in images:
-        file = folder / image["file_name"]
-        listed = f"image id {image['id']} in {json_path}"
-        try:
-            with Image.open(file) as im:
-                im.load()  # truncated files fail here, not later in a worker
-                if im.size != (image["width"], image["height"]):
-                    raise UserError(
-                        f"{file}: image is {im.size[0]}x{im.size[1]} but {listed} says "
-                        f"{image['width']}x{image['height']}"
-                    )
-                decoded.append(np.asarray(im if im.mode == "L" else im.convert("L")).reshape(-1))
-        except FileNotFoundError:
-            raise UserError(f"{file}: image file missing ({listed})") from None
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-            raise UserError(f"{file}: not a readable image ({_one_line(err)}; {listed})") from None
-    return np.concatenate(decoded)
 
 
 def _is_inside(name: str) -> bool:

@@ -1,4 +1,4 @@
-"""Lightning's view of a ``data_gen`` dataset: train/val loaders with per-worker augmentation.
+"""Lightning's view of a COCO dataset: train/val loaders with per-worker augmentation.
 
 Kept apart from :mod:`coorddet.data` so that evaluation and scripts that only read a dataset do
 not import Lightning and albumentations (a few seconds at every start).
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from coorddet.data import CocoDataset, collate_detection
+from coorddet.data import DECODE_MODES, CocoDataset, collate_detection
 from coorddet.errors import UserError
 from coorddet.transforms import POLICIES, build_transforms
 from coorddet.validate import check_choice, check_int
@@ -68,12 +68,14 @@ class CocoDataModule(L.LightningDataModule):
         augment_policy: str = "digits",
         train_split: str = "train",
         val_split: str = "val",
+        decode: str = "auto",
         pin_memory: bool = False,
     ) -> None:
         super().__init__()
         check_int("batch_size", batch_size, 1, error=UserError)
         check_int("num_workers", num_workers, 0, error=UserError)
         check_choice("augment_policy", augment_policy, POLICIES, error=UserError)
+        check_choice("decode", decode, DECODE_MODES, error=UserError)
         # Lightning's default frame lookup leaves a frame cycle that pins the caller's locals
         # (loaders with live workers among them) until the garbage collector runs; handing it
         # our own frame avoids that.
@@ -86,15 +88,28 @@ class CocoDataModule(L.LightningDataModule):
         settings = self.hparams
         if stage in (None, "fit") and self.train_dataset is None:
             transforms = build_transforms(settings.augment_policy) if settings.augment else None
-            self.train_dataset = CocoDataset(settings.data_dir, settings.train_split, transforms)
+            self.train_dataset = CocoDataset(
+                settings.data_dir, settings.train_split, transforms, decode=settings.decode
+            )
         if stage in (None, "fit", "validate") and self.val_dataset is None:
-            self.val_dataset = CocoDataset(settings.data_dir, settings.val_split)
+            self.val_dataset = CocoDataset(
+                settings.data_dir, settings.val_split, decode=settings.decode
+            )
         train, val = self.train_dataset, self.val_dataset
         if train is not None and val is not None and train.categories != val.categories:
             raise UserError(
                 f"{settings.data_dir}: splits {settings.train_split} and {settings.val_split} "
                 "have different 'categories'; give both splits the same list (ids and names)"
             )
+
+    @property
+    def channels(self) -> int:
+        """3 when either opened split holds colour images, else 1 (the model's
+        ``image_channels``; a gray split beside a colour one is replicated by the model)."""
+        opened = [d for d in (self.train_dataset, self.val_dataset) if d is not None]
+        if not opened:
+            raise RuntimeError("call setup() before asking for the channels")
+        return max(dataset.channels for dataset in opened)
 
     def train_dataloader(self) -> DataLoader:
         dataset = self._opened(self.train_dataset, "train")

@@ -1,6 +1,6 @@
-"""``build_model``: a torchvision Faster R-CNN for grayscale canvases, with or without CoordConv.
+"""``build_model``: a torchvision Faster R-CNN for gray or colour images, with or without CoordConv.
 
-Inputs are lists of (1, H, W) float images in [0, 1]; targets and detections use torchvision's
+Inputs are lists of (1, H, W) or (3, H, W) float images in [0, 1]; targets and detections use torchvision's
 format: ``boxes`` (K, 4) xyxy in pixels, ``labels`` (K,) int64 with 0 the background.
 
 Every argument is a plain value (str, int, float, bool, list) so a config's ``model:`` section
@@ -11,7 +11,8 @@ The detector is composed from its parts, as torchvision's ``FasterRCNN`` does, b
 torchvision's ``FasterRCNN`` constructor builds its own transform, RPN and RoI heads and
 accepts only a ``MultiScaleRoIAlign`` pooler, and each part here differs from its default:
 
-- the transform is :class:`GrayscaleTransform` (1-channel canvases into 3-channel backbones);
+- the transform is :class:`GrayscaleTransform` (gray or colour images into the backbone's
+  channels);
 - the RPN and RoI heads are :mod:`coorddet.inference`'s batched subclasses (the same outputs);
 - the pooler is :class:`coorddet.poolers.MatmulRoIAlign` or ``SingleMapRoIPool``.
 
@@ -34,11 +35,14 @@ from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
+from torchvision.transforms.v2.functional import rgb_to_grayscale
 
 from coorddet.backbones import (
     BACKBONE_INITS,
     BACKBONE_SPECS,
     BACKBONES,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     PADDINGS,
     BackboneSpec,
     build_backbone,
@@ -72,9 +76,11 @@ FASTER_RCNN_DEFAULTS = {
 
 
 class GrayscaleTransform(GeneralizedRCNNTransform):
-    """torchvision's transform, plus: 1-channel images are replicated to ``len(image_mean)``
-    channels before normalising (the ImageNet backbones take 3). Any other channel count
-    that differs from ``len(image_mean)`` raises ``ValueError``.
+    """torchvision's transform, plus: images are brought to ``len(image_mean)`` channels before
+    normalising. A 1-channel image is replicated (gray data into a 3-channel backbone, as
+    Pillow's ``L`` -> ``RGB``); a 3-channel image into a 1-channel model becomes gray by
+    torchvision's ``rgb_to_grayscale`` (ITU-R 601-2 luma). Other channel counts raise
+    ``ValueError``.
     """
 
     def normalize(self, image: Tensor) -> Tensor:
@@ -83,8 +89,10 @@ class GrayscaleTransform(GeneralizedRCNNTransform):
         channels = len(self.image_mean)
         if image.shape[0] == 1 and channels > 1:
             image = image.expand(channels, -1, -1)
+        elif image.shape[0] == 3 and channels == 1:
+            image = rgb_to_grayscale(image)
         elif image.shape[0] != channels:
-            raise ValueError(f"expected images with 1 or {channels} channels, got {image.shape}")
+            raise ValueError(f"expected images with 1 or 3 channels, got {tuple(image.shape)}")
         mean = torch.as_tensor(self.image_mean, dtype=image.dtype, device=image.device)
         std = torch.as_tensor(self.image_std, dtype=image.dtype, device=image.device)
         return (image - mean[:, None, None]) / std[:, None, None]
@@ -211,6 +219,7 @@ def build_model(
     coordconv_sites: Sequence[str] = DEFAULT_SITES,
     with_r: bool = False,
     canvas_size: int = 64,
+    image_channels: int = 1,
     min_size: int | None = None,
     max_size: int | None = None,
     pretrained: bool = False,
@@ -236,19 +245,22 @@ def build_model(
     backbone_padding: str = "same",
     backbone_init: str = "default",
 ) -> GeneralizedRCNN:
-    """Build a Faster R-CNN (or an RPN-only detector) for ``canvas_size`` grayscale canvases.
+    """Build a Faster R-CNN (or an RPN-only detector) for gray or colour images.
 
     Args:
         backbone: one of :data:`BACKBONES`. ``mnist-small``: :class:`MnistSmallBackbone`
-            (1-channel, stride 4, 64 channels). ``resnet50-fpn`` / ``mobilenet-v3-fpn``:
-            torchvision's backbones of ``fasterrcnn_resnet50_fpn`` /
-            ``fasterrcnn_mobilenet_v3_large_fpn``, fed the gray channel replicated to 3 by
-            :class:`GrayscaleTransform`.
+            (``image_channels`` in, stride 4, 64 channels). ``resnet50-fpn`` /
+            ``mobilenet-v3-fpn``: torchvision's backbones of ``fasterrcnn_resnet50_fpn`` /
+            ``fasterrcnn_mobilenet_v3_large_fpn`` (3 channels in; gray images are replicated
+            to 3 by :class:`GrayscaleTransform`).
         num_classes: including the background (11 = 10 digits + background).
         coordconv, coordconv_sites, with_r: inject CoordConv at these sites
             (:data:`coorddet.inject.SITES`) after building the baseline.
         canvas_size: the default of ``min_size`` and ``max_size``: ``canvas_size`` px square
             canvases are never resized (64 px stay 64 px instead of torchvision's 800).
+        image_channels: the images' channels, 1 (gray) or 3 (colour); ``train.py`` sets it
+            from the dataset. It sizes ``mnist-small``'s first convolution; the ImageNet
+            backbones always take 3.
         min_size, max_size: torchvision's meaning: each image is scaled so that its short
             side is ``min_size`` unless its long side would pass ``max_size``. ``None``:
             ``canvas_size``. ``train.py`` sets them from the dataset (see README).
@@ -269,7 +281,8 @@ def build_model(
             (single-map backbones only).
         box_detections_per_img, box_score_thresh: torchvision's inference options.
         image_mean, image_std: per-channel normalisation; ``None``: the backbone's default
-            (1 value for ``mnist-small``, 3 ImageNet values for the others).
+            (1 value for a gray ``mnist-small``, fitted to ``data_gen``'s canvases; ImageNet's
+            3 values for a colour ``mnist-small`` and for the others).
         detector: ``"faster-rcnn"``, or ``"rpn-only"``: a torchvision ``GeneralizedRCNN``
             whose RoI-head slot is :class:`coorddet.released.NoRoIHeads`; it trains on the RPN
             losses alone and is scored by ``rpn_iou`` (detection metrics are undefined).
@@ -318,6 +331,7 @@ def build_model(
             "'same' padding)"
         )
     check_int("num_classes", num_classes, minimum=2)
+    check_choice("image_channels", image_channels, (1, 3))
     for name, value in [
         ("canvas_size", canvas_size),
         ("min_size", canvas_size if min_size is None else min_size),
@@ -335,9 +349,14 @@ def build_model(
         check_int(name, value)
     check_int("sampling_ratio", sampling_ratio, minimum=0)  # 0: adaptive, as torchvision
     check_number("box_score_thresh", box_score_thresh, 0.0, 1.0)
-    mean = list(spec.image_mean if image_mean is None else image_mean)
-    std = list(spec.image_std if image_std is None else image_std)
-    channels = len(spec.image_mean)
+    channels = image_channels if backbone == "mnist-small" else len(spec.image_mean)
+    default_mean, default_std = (
+        (spec.image_mean, spec.image_std)
+        if len(spec.image_mean) == channels
+        else (IMAGENET_MEAN, IMAGENET_STD)
+    )
+    mean = list(default_mean if image_mean is None else image_mean)
+    std = list(default_std if image_std is None else image_std)
     if len(mean) != channels or len(std) != channels:
         raise ValueError(
             f"image_mean={mean!r}, image_std={std!r} are not valid for {backbone}: expected "
@@ -350,7 +369,11 @@ def build_model(
     # weights it gave when these parts went through torchvision's FasterRCNN constructor.
     anchors = _anchor_generator(backbone, spec, anchor_sizes, aspect_ratios)
     body = build_backbone(
-        backbone, pretrained=pretrained, padding=backbone_padding, init=backbone_init
+        backbone,
+        pretrained=pretrained,
+        padding=backbone_padding,
+        init=backbone_init,
+        in_channels=channels,
     )
     if rpn == "released":
         proposer = _released_rpn(body, anchor_layout=anchor_layout, padding=backbone_padding)

@@ -125,7 +125,9 @@ def test_same_seed_same_metrics_and_overwrite(
     assert_same_metrics(metric_values(out), metric_values(smoke_runs["baseline"]), tol=0.0)
     # Not quiet: the Rich progress bar shows the loss and images/s; no Lightning advert.
     assert "loss" in result.stdout and "img_s" in result.stdout, result.stdout[-2000:]
-    assert "images (64x64): model.min_size 64, model.max_size 64" in result.stdout
+    assert "images (64x64, gray): model.image_channels 1, model.min_size 64, model.max_size 64" in (
+        result.stdout
+    )
     assert "Tip" not in result.stdout + result.stderr
     assert "Traceback" not in result.stderr
 

@@ -16,6 +16,7 @@ from coorddet.system import configure_memory
 
 USER_ERROR_EXIT = 2
 FAULT_EXIT = 1
+_WORKER_TRACEBACK = "DataLoader worker process"  # torch's ExceptionWrapper.reraise message
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -50,7 +51,11 @@ def one_line(error: BaseException) -> tuple[str, int]:
     """The line :func:`report_errors` prints for ``error`` and the exit code; ``("", 0)`` for errors that
     keep their traceback (programming errors)."""
     if isinstance(error, UserError):
-        message = " ".join(str(error).split())  # one line, whatever the message held
+        message = str(error)
+        if _WORKER_TRACEBACK in message:  # raised in a DataLoader worker: torch re-raises it
+            # with the worker's traceback as its message, whose last line is the original
+            message = message.rsplit(f"{UserError.__name__}: ", 1)[-1]
+        message = " ".join(message.split())  # one line, whatever the message held
         return f"error: {message}", USER_ERROR_EXIT
     if isinstance(error, OSError):
         return f"error: {describe_os_error(error)}", FAULT_EXIT

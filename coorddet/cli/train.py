@@ -121,14 +121,17 @@ def number(text: str) -> int | float:
         return float(text)  # argparse turns the ValueError into a one-line error
 
 
-FROM_DATA = {"num_classes", "min_size", "max_size"}  # model settings the dataset decides
+# model settings the dataset decides unless the config or a flag sets them
+FROM_DATA = {"num_classes", "image_channels", "min_size", "max_size"}
 
 
 def _open_data(config: TrainConfig, *, from_data: set[str], quiet: bool) -> Any:
     """The opened datamodule. The model settings named in ``from_data`` (of :data:`FROM_DATA`)
-    are set from the training split: ``num_classes`` (its categories + 1, the background) and
-    ``min_size``/``max_size`` (:func:`coorddet.models.default_image_sizes`, printed once);
-    a ``num_classes`` set by the config is checked against the categories."""
+    are set from the training split: ``num_classes`` (its categories + 1, the background),
+    ``image_channels`` (3 if either split holds colour images, else 1) and
+    ``min_size``/``max_size`` (:func:`coorddet.models.default_image_sizes`); the resolved
+    channels and sizes are printed once. A ``num_classes`` set by the config is checked
+    against the categories."""
     from coorddet.datamodule import CocoDataModule
     from coorddet.models import default_image_sizes
 
@@ -142,18 +145,20 @@ def _open_data(config: TrainConfig, *, from_data: set[str], quiet: bool) -> Any:
             message += f" (create a dataset with: {hint})"
         raise UserError(message) from None
     train = datamodule.train_dataset
+    if "image_channels" in from_data:
+        config.model["image_channels"] = datamodule.channels
     if {"min_size", "max_size"} & from_data:
         min_size, max_size = default_image_sizes(config.model["backbone"], train.image_sizes)
         config.model.update({k: v for k, v in (("min_size", min_size), ("max_size", max_size))
                              if k in from_data})  # fmt: skip
-        if not quiet and is_rank_zero():  # once, not once per DDP process
-            sizes = sorted(train.image_sizes)
-            shown = ", ".join(f"{w}x{h}" for w, h in sizes[:3]) + (
-                ", ..." if len(sizes) > 3 else ""
-            )
-            print(f"images ({shown}): model.min_size {config.model['min_size']}, "
-                  f"model.max_size {config.model['max_size']} (torchvision's resizing; set "
-                  "them in the config to choose others)")  # fmt: skip
+    if from_data - {"num_classes"} and not quiet and is_rank_zero():  # once, not per process
+        sizes = sorted(train.image_sizes)
+        shown = ", ".join(f"{w}x{h}" for w, h in sizes[:3]) + (", ..." if len(sizes) > 3 else "")
+        model = config.model
+        print(f"images ({shown}, {'colour' if datamodule.channels == 3 else 'gray'}): "
+              f"model.image_channels {model['image_channels']}, model.min_size "
+              f"{model['min_size']}, model.max_size {model['max_size']} (set them in the "
+              "config to choose others)")  # fmt: skip
     classes = train.num_classes
     if "num_classes" in from_data:
         config.model["num_classes"] = classes
