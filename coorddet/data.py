@@ -127,7 +127,8 @@ class CocoDataset(Dataset):
         self.in_memory = decode == "memory" or (decode == "auto" and rgb_bytes <= IN_MEMORY_BYTES)
         self._pixels: np.ndarray | None = None
         if self.in_memory:
-            self._pixels, self._pixel_start, self.channels = self._decode_all()
+            self._pixels, self._pixel_start, self._channels = self._decode_all()
+            self.channels = int(self._channels.max())
         else:
             self.channels = max(image_channels(*self._file(i)) for i in range(len(images)))
 
@@ -157,8 +158,12 @@ class CocoDataset(Dataset):
         else:
             height, width = (int(v) for v in self._sizes[index])
             pixels = self._pixels[self._pixel_start[index] : self._pixel_start[index + 1]]
-            shape = (height, width) if self.channels == 1 else (height, width, 3)
-            pixels = pixels.reshape(shape)
+            if self._channels[index] == 1:
+                pixels = pixels.reshape(height, width)
+                if self.channels == 3:  # a gray image in a colour split: Pillow's L -> RGB
+                    pixels = np.repeat(pixels[:, :, None], 3, axis=2)
+            else:
+                pixels = pixels.reshape(height, width, 3)
         boxes = self._boxes[self._ann_start[index] : self._ann_start[index + 1]]
         labels = self._labels[self._ann_start[index] : self._ann_start[index + 1]]
         if self.transforms is not None:
@@ -196,15 +201,21 @@ class CocoDataset(Dataset):
             f"image id {self._ids[index]} in {self._json_path}",
         )
 
-    def _decode_all(self) -> tuple[np.ndarray, np.ndarray, int]:
+    def _decode_all(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every image into one flat uint8 buffer, in dataset order: ``(pixels, starts,
-        channels)``; image ``i`` is ``pixels[starts[i]:starts[i + 1]]``."""
-        arrays = [read_image(*self._file(i)) for i in range(len(self))]
-        channels = 3 if any(a.ndim == 3 for a in arrays) else 1
-        if channels == 3:  # a gray image among colour ones: Pillow's L -> RGB
-            arrays = [a if a.ndim == 3 else np.repeat(a[:, :, None], 3, axis=2) for a in arrays]
-        starts = np.cumsum([0, *(a.size for a in arrays)])
-        return np.concatenate([a.reshape(-1) for a in arrays]), starts, channels
+        channels)``; image ``i`` is ``pixels[starts[i]:starts[i + 1]]`` with ``channels[i]``
+        channels (a gray image in a colour split is replicated when it is read)."""
+        count = len(self)
+        # Room for every image as RGB; the pages a gray split leaves untouched are never
+        # resident, and no second copy is made, so the peak is the decoded size.
+        pixels = np.empty(int(self._sizes.prod(axis=1).sum()) * 3, dtype=np.uint8)
+        starts, channels = np.zeros(count + 1, dtype=np.int64), np.ones(count, dtype=np.int64)
+        for index in range(count):
+            image = read_image(*self._file(index))
+            starts[index + 1] = starts[index] + image.size
+            pixels[starts[index] : starts[index + 1]] = image.reshape(-1)
+            channels[index] = 1 if image.ndim == 2 else 3
+        return pixels[: starts[-1]], starts, channels
 
     def reseed(self, seed: int) -> None:
         """Restart the augmentation's random stream (no-op without transforms)."""

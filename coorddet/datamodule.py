@@ -6,6 +6,7 @@ not import Lightning and albumentations (a few seconds at every start).
 
 from __future__ import annotations
 
+import gc
 import inspect
 from functools import partial
 from typing import Any
@@ -95,6 +96,10 @@ class CocoDataModule(L.LightningDataModule):
             self.val_dataset = CocoDataset(
                 settings.data_dir, settings.val_split, decode=settings.decode
             )
+        # The splits' COCO indexes are many small Python objects that live as long as the run:
+        # out of the garbage collector's sight, forked DataLoader workers do not copy the pages
+        # it would touch, so their memory stays that of one process, whatever the split size.
+        gc.freeze()
         train, val = self.train_dataset, self.val_dataset
         if train is not None and val is not None and train.categories != val.categories:
             raise UserError(

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -97,3 +99,142 @@ def configure_memory() -> None:
     (:func:`keep_freed_memory`). Call it at start-up, before the first large tensor."""
     use_huge_pages()
     keep_freed_memory()
+
+
+# --- threads: a busy neighbour should cost its share of the cores, not 10-fold -------------
+
+USER_THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+CHOSEN = "COORDDET_THREADS"  # set beside OMP_NUM_THREADS when coorddet chose the count
+_DROP_AT = 0.3  # give up a thread once other processes keep this share of a core busy
+
+
+def cpu_jiffies() -> tuple[int, int]:
+    """``(busy, total)`` CPU time of the whole machine so far, in clock ticks (``/proc/stat``)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    total = sum(fields[:8])  # guest time is already counted in user time
+    return total - idle, total
+
+
+def own_jiffies(pid: int | None = None) -> int:
+    """CPU time of process ``pid`` (default: this one) and its live descendants (DataLoader
+    workers), in clock ticks."""
+    pid = os.getpid() if pid is None else pid
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            stat = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(stat[11]) + int(stat[12])  # utime + stime
+            for task in Path(f"/proc/{current}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError, IndexError):
+            continue  # a worker that ended meanwhile
+    return total
+
+
+class CpuShare:
+    """The cores other processes keep busy, measured between calls of :meth:`others`."""
+
+    def __init__(self) -> None:
+        self._mark = (*cpu_jiffies(), own_jiffies())
+
+    def others(self) -> float:
+        """Cores busy with other processes since the last call (or since construction)."""
+        busy, total, own = *cpu_jiffies(), own_jiffies()
+        d_busy, d_total, d_own = (
+            now - then for now, then in zip((busy, total, own), self._mark, strict=True)
+        )
+        self._mark = (busy, total, own)
+        if d_total <= 0:
+            return 0.0
+        return max(0.0, (d_busy - d_own) / d_total * (os.cpu_count() or 1))
+
+
+def threads_for(others: float, cores: int | None = None) -> int:
+    """torch threads for a machine whose other processes keep ``others`` cores busy: the cores
+    left, a thread given up as soon as a neighbour takes ``_DROP_AT`` of a core."""
+    cores = cores or os.cpu_count() or 1
+    return max(1, min(cores, math.floor(cores - others + _DROP_AT)))
+
+
+def user_chose_threads() -> bool:
+    """Whether the user set the thread count themselves (``OMP_NUM_THREADS``, ...)."""
+    return any(name in os.environ for name in USER_THREAD_ENV) and CHOSEN not in os.environ
+
+
+def configure_threads(*, sample_seconds: float = 0.2) -> int | None:
+    """Choose torch's thread count from the cores that are free now, unless the user chose.
+
+    torch starts one OpenMP thread per core, and those threads wait for each other at the end
+    of every parallel region. When another process holds a core, the thread that shares it
+    runs in time slices and every region waits for it: a 2-thread training step ran ~10x
+    slower beside one busy process here, while 1 thread lost only what the neighbour took.
+    So: measure for ``sample_seconds`` how many cores other processes keep busy, and set
+    ``OMP_NUM_THREADS`` to :func:`threads_for` that, with ``COORDDET_THREADS`` beside it, so
+    that child processes (DDP workers) inherit the choice and :func:`share_threads` and
+    :class:`ThreadGovernor` know it was coorddet's. Call it before torch is imported (the
+    command-line tools do, in :func:`coorddet.cli.report_errors`); with torch loaded it is
+    applied with ``torch.set_num_threads``.
+
+    Does nothing (returns None) when the user set ``OMP_NUM_THREADS`` or ``MKL_NUM_THREADS``,
+    or off Linux. Returns the thread count chosen (or inherited from a coorddet parent).
+    """
+    if user_chose_threads() or sys.platform != "linux":
+        return None
+    if CHOSEN in os.environ:  # a process started by a coorddet command: it chose already
+        return int(os.environ["OMP_NUM_THREADS"])
+    share = CpuShare()
+    time.sleep(sample_seconds)
+    threads = threads_for(share.others())
+    _set_threads(threads)
+    return threads
+
+
+def share_threads(processes: int) -> int | None:
+    """Divide coorddet's chosen threads among ``processes`` processes of one machine (CPU DDP),
+    before they start; they inherit the count (and do not divide it again). Nothing when the
+    user chose."""
+    if user_chose_threads() or os.environ.get(CHOSEN) != "auto":
+        return None
+    threads = max(1, int(os.environ["OMP_NUM_THREADS"]) // max(1, processes))
+    _set_threads(threads, mark="shared")
+    return threads
+
+
+def _set_threads(threads: int, mark: str = "auto") -> None:
+    os.environ.update({"OMP_NUM_THREADS": str(threads), CHOSEN: mark})
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+
+
+class ThreadGovernor:
+    """Re-checks, at most every ``every_seconds``, how many cores other processes keep busy,
+    and sets torch's threads to :func:`threads_for` that: a neighbour that starts during a run
+    takes a thread away, one that ends gives it back. Call :meth:`step` often (every training
+    step); it reads ``/proc`` only when the interval has passed (~0.1 ms).
+
+    Inactive (``step`` does nothing) unless :func:`configure_threads` chose the threads in
+    this process tree, so a user's ``OMP_NUM_THREADS`` or ``torch.set_num_threads`` stays.
+    """
+
+    def __init__(self, every_seconds: float = 2.0, *, active: bool | None = None) -> None:
+        self.active = (
+            (CHOSEN in os.environ and not user_chose_threads()) if active is None else active
+        )
+        self.every_seconds = every_seconds
+        self.changes: list[tuple[float, int]] = []  # (time.monotonic(), threads) of each change
+        self._share = CpuShare() if self.active else None
+        self._last = time.monotonic()
+
+    def step(self) -> None:
+        now = time.monotonic()
+        if self._share is None or now - self._last < self.every_seconds:
+            return
+        self._last = now
+        import torch
+
+        threads = threads_for(self._share.others())
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+            self.changes.append((now, threads))

@@ -1,14 +1,18 @@
 """coorddet.system: the process settings the command-line tools apply."""
 
+import json
 import os
 import platform
+import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from coorddet.system import keep_freed_memory, use_huge_pages
+from coorddet.system import CpuShare, ThreadGovernor, keep_freed_memory, threads_for, use_huge_pages
 
 
 def test_huge_pages_on_unless_the_user_chose(monkeypatch):
@@ -72,3 +76,113 @@ def test_command_line_tools_keep_freed_memory_and_use_huge_pages(tmp_path, keep)
         assert int(resident_mb) > 256
     else:
         assert int(resident_mb) < 256
+
+
+# --- threads -------------------------------------------------------------------------------
+
+
+ROOT = Path(__file__).resolve().parents[1]
+_THREAD_PROBE = """
+import os, sys
+from coorddet.cli import report_errors
+
+def main(argv):
+    import torch
+    print(torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS"), os.environ.get("COORDDET_THREADS"))
+    return 0
+
+sys.exit(report_errors(main))
+"""
+
+
+def thread_env(**settings: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "COORDDET_THREADS")}  # fmt: skip
+    return {**env, **settings}
+
+
+@pytest.mark.parametrize(
+    ("others", "cores", "threads"),
+    [(0.0, 2, 2), (0.2, 2, 2), (0.4, 2, 1), (1.0, 2, 1), (3.0, 2, 1), (1.0, 8, 7), (0.0, 1, 1)],
+)
+def test_threads_follow_the_cores_others_leave(others, cores, threads):
+    assert threads_for(others, cores) == threads
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="/proc")
+def test_command_line_tools_choose_threads_unless_the_user_did(tmp_path):
+    script = tmp_path / "probe.py"
+    script.write_text(_THREAD_PROBE)
+
+    def probe(**settings: str) -> list[str]:
+        result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                                env=thread_env(**settings), check=True, cwd=ROOT)  # fmt: skip
+        return result.stdout.split()
+
+    threads, omp, mark = probe()
+    assert 1 <= int(threads) <= os.cpu_count() and omp == threads and mark == "auto"
+    assert probe(OMP_NUM_THREADS="1") == ["1", "1", "None"]  # the user's, untouched
+    assert probe(MKL_NUM_THREADS="1")[1:] == ["None", "None"]
+    # A process started by a coorddet command (a DDP worker) keeps what its parent chose.
+    assert probe(OMP_NUM_THREADS="1", COORDDET_THREADS="shared") == ["1", "1", "shared"]
+
+
+def busy_neighbour() -> int:
+    """The pid of a busy process that is not this one's descendant (its shell parent exits),
+    as another user's job would be: coorddet counts its own DataLoader workers as its own."""
+    started = subprocess.run(
+        ["sh", "-c", f"{shlex.quote(sys.executable)} -c 'while True: pass' >/dev/null 2>&1 & echo $!"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return int(started.stdout)
+
+
+@pytest.mark.skipif(sys.platform != "linux" or (os.cpu_count() or 1) < 2, reason="2+ cores")
+def test_a_neighbour_that_starts_during_a_run_takes_a_thread(monkeypatch):
+    import torch
+
+    monkeypatch.setenv("COORDDET_THREADS", "auto")
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(os.cpu_count())
+        governor = ThreadGovernor(every_seconds=0.5)
+        assert governor.active
+        neighbour = busy_neighbour()
+        try:
+            share = CpuShare()
+            deadline = time.monotonic() + 1.2
+            while time.monotonic() < deadline:
+                governor.step()
+            assert share.others() > 0.6  # the neighbour's core, seen from /proc/stat
+        finally:
+            os.kill(neighbour, signal.SIGKILL)
+        assert torch.get_num_threads() <= os.cpu_count() - 1
+        assert governor.changes
+        # A user's choice leaves the governor inactive.
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        monkeypatch.delenv("COORDDET_THREADS")
+        assert not ThreadGovernor().active
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_ddp_processes_share_the_chosen_threads(tiny_dataset, tmp_path):
+    def run(out: Path, **settings: str) -> str:
+        result = subprocess.run(
+            [sys.executable, "train.py", "--config", "configs/smoke.yaml", "--data",
+             str(tiny_dataset), "--out", str(out), "--accelerator", "cpu", "--devices", "2",
+             "--strategy", "ddp", "--limit-train-batches", "1", "--limit-val-batches", "1"],
+            capture_output=True, text=True, env={**thread_env(**settings), "PYTHONWARNINGS": "ignore"},
+            cwd=ROOT, timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        return next(line for line in result.stdout.splitlines() if "torch threads" in line)
+
+    chosen = run(tmp_path / "chosen")
+    threads = json.loads(chosen.split("per process: ")[1].split(" (")[0])
+    assert len(threads) == 2 and threads[0] == threads[1]  # each process its share
+    assert 1 <= sum(threads) <= max(2, os.cpu_count()) and "chosen from the free cores" in chosen
+    assert "per process: [1, 1] (OMP_NUM_THREADS" in run(tmp_path / "user", OMP_NUM_THREADS="1")

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from coorddet.errors import UserError
-from coorddet.system import configure_memory
+from coorddet.system import configure_memory, configure_threads
 
 USER_ERROR_EXIT = 2
 FAULT_EXIT = 1
@@ -33,9 +33,11 @@ def report_errors(
     ``OSError`` (a failed write) one line and exit code 1.
 
     Large CPU tensors use transparent huge pages and freed memory is reused
-    (:func:`coorddet.system.configure_memory`).
+    (:func:`coorddet.system.configure_memory`); torch's thread count follows the cores that
+    are free (:func:`coorddet.system.configure_threads`) unless the user set it.
     """
     configure_memory()
+    configure_threads()
     try:
         return command(argv)
     except (UserError, OSError) as error:

@@ -24,7 +24,7 @@ def parse_args(argv: Sequence[str] | None) -> Any:
     defaults = EvalConfig()
     parser = ArgumentParser(
         prog="python -m coorddet.evaluate",
-        description="Evaluate coorddet checkpoints (and outside detections) on a data_gen "
+        description="Evaluate coorddet checkpoints (and outside detections) on a COCO "
         "dataset: IOU metrics and COCO mAP, a report comparing CoordConv with the baseline, "
         "and plots.",
     )
@@ -40,6 +40,11 @@ def parse_args(argv: Sequence[str] | None) -> Any:
     add("--group", action="store_true", help="aggregate runs with the same name (seeds) into "
         "mean, std and a 95%% confidence interval")  # fmt: skip
     add("--batch-size", type=int, default=64, help="images per inference batch (default: 64)")
+    add("--num-workers", type=int, metavar="N", help="DataLoader workers decoding images "
+        "(default: 0 for a split decoded into memory, 4 for one decoded lazily)")  # fmt: skip
+    add("--precision", default="32-true", choices=("32-true", "bf16-mixed"),
+        help="inference precision; bf16-mixed: bfloat16 autocast, as train.py's (default: "
+        "%(default)s)")  # fmt: skip
     add("--device", default="auto", help="cpu, cuda, cuda:1, mps, or auto (default: %(default)s)")
     add("--score-thresh", type=float, default=defaults.score_thresh,
         help="detections counted by det_iou and gt_iou (default: %(default)s)")  # fmt: skip
@@ -62,6 +67,8 @@ def parse_args(argv: Sequence[str] | None) -> Any:
     for flag, value in (("--batch-size", args.batch_size), ("--rpn-top-k", args.rpn_top_k)):
         if value < 1:
             parser.error(f"{flag} must be >= 1, got {value}")
+    if args.num_workers is not None and args.num_workers < 0:
+        parser.error(f"--num-workers must be >= 0, got {args.num_workers}")
     if not 0.0 <= args.score_thresh <= 1.0:
         parser.error(f"--score-thresh must be in [0, 1], got {args.score_thresh}")
     if not 0.0 < args.rpn_nms_iou <= 1.0:
@@ -85,7 +92,9 @@ def evaluate_command(argv: Sequence[str] | None = None) -> int:
         predictions=list(zip(args.name, args.predictions, strict=True)),
         group=args.group,
         batch_size=args.batch_size,
+        num_workers=args.num_workers,
         device=args.device,
+        precision=args.precision,
         score_thresh=args.score_thresh,
         rpn_top_k=args.rpn_top_k,
         rpn_nms_iou=args.rpn_nms_iou,

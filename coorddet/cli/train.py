@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import shlex
 import shutil
 import sys
@@ -245,12 +246,13 @@ def _train(
     import lightning as L
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from coorddet.cli.trainer import build_trainer, quiet_lightning
+    from coorddet.cli.trainer import ThreadWatch, build_trainer, quiet_lightning
     from coorddet.cli.workers import report_dead_worker, stop_workers
 
     quiet_lightning(args.quiet)  # after the import: lightning sets its loggers' levels on import
 
     from coorddet.module import NonFiniteLossError, final_metrics
+    from coorddet.system import share_threads
 
     resume = read_resume_point(checkpoint) if checkpoint else None
     # Model settings the user gave (config file or flags): never replaced by the data's.
@@ -272,6 +274,8 @@ def _train(
     L.seed_everything(config.seed, workers=True, verbose=not args.quiet)
     module = _build_module(config, resume)
     trainer = build_trainer(config, quiet=args.quiet, resume_command=resume_command(argv))
+    if trainer.world_size > 1 and trainer.strategy.root_device.type == "cpu":
+        share_threads(trainer.num_devices)  # CPU DDP: the free cores, divided; inherited
     if rank_zero:  # DDP's other processes start inside fit(), after this
         if args.overwrite and out.exists():
             shutil.rmtree(out)
@@ -325,8 +329,19 @@ def _train(
             and v is not None
         )  # fmt: skip
         print(f"{config.run_name}: {metrics['epochs']} epochs in {seconds:.1f} s; {shown}")
+        threads = next(c.threads for c in trainer.callbacks if isinstance(c, ThreadWatch))
+        print(f"torch threads at the start of training, per process: {threads} "
+              f"({_thread_source()})")  # fmt: skip
     print(f"run written to {out}/ (checkpoints/best.ckpt, metrics.json, config.yaml)")
     return 0
+
+
+def _thread_source() -> str:
+    from coorddet.system import CHOSEN, user_chose_threads
+
+    if user_chose_threads():
+        return "OMP_NUM_THREADS/MKL_NUM_THREADS, as set"
+    return "chosen from the free cores" if CHOSEN in os.environ else "torch's default"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -42,6 +42,7 @@ from coorddet.datamodule import AugmentationEpochs
 from coorddet.errors import UserError
 from coorddet.fileio import named, write_atomic, write_csv_atomic
 from coorddet.module import RandomStateCallback
+from coorddet.system import ThreadGovernor
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -152,6 +153,29 @@ class ProgressBar(RichProgressBar):
         return metrics
 
 
+class ThreadWatch(L.Callback):
+    """Keeps torch's thread count to the cores other processes leave free during training and
+    validation (:class:`coorddet.system.ThreadGovernor`). One process on CPU only: DDP
+    processes share the threads chosen at start (:func:`coorddet.system.share_threads`), and a
+    user's ``OMP_NUM_THREADS`` leaves it inactive."""
+
+    def __init__(self) -> None:
+        self.governor: ThreadGovernor | None = None
+        self.threads: list[int] = []  # each process's torch threads when training started
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        on_cpu = pl_module.device.type == "cpu"
+        self.governor = ThreadGovernor(active=None if on_cpu and trainer.world_size == 1 else False)
+        count = torch.tensor([torch.get_num_threads()], device=pl_module.device)
+        self.threads = [int(n) for n in trainer.strategy.all_gather(count).flatten().tolist()]
+
+    def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        if self.governor is not None:
+            self.governor.step()
+
+    on_validation_batch_end = on_train_batch_end
+
+
 def build_trainer(config: TrainConfig, *, quiet: bool, resume_command: str) -> L.Trainer:
     """The ``lightning.Trainer`` of ``config.trainer`` writing into ``config.out_dir``;
     ``resume_command`` is shown when a DDP worker dies (:class:`WorkerWatch`)."""
@@ -180,6 +204,7 @@ def build_trainer(config: TrainConfig, *, quiet: bool, resume_command: str) -> L
         RandomStateCallback(),
         AugmentationEpochs(),
         WorkerWatch(resume_command),
+        ThreadWatch(),
     ]
     if not quiet:
         callbacks.append(ProgressBar(leave=True))
