@@ -35,7 +35,6 @@ from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
-from torchvision.transforms.v2.functional import rgb_to_grayscale
 
 from coorddet.backbones import (
     BACKBONE_INITS,
@@ -90,9 +89,10 @@ class GrayscaleTransform(GeneralizedRCNNTransform):
         if image.shape[0] == 1 and channels > 1:
             image = image.expand(channels, -1, -1)
         elif image.shape[0] == 3 and channels == 1:
-            image = rgb_to_grayscale(image)
+            red, green, blue = image.unbind(0)  # torchvision's rgb_to_grayscale, scriptable
+            image = (red * 0.2989).add_(green, alpha=0.587).add_(blue, alpha=0.114).unsqueeze(0)
         elif image.shape[0] != channels:
-            raise ValueError(f"expected images with 1 or 3 channels, got {tuple(image.shape)}")
+            raise ValueError(f"expected images with 1 or 3 channels, got {image.shape}")
         mean = torch.as_tensor(self.image_mean, dtype=image.dtype, device=image.device)
         std = torch.as_tensor(self.image_std, dtype=image.dtype, device=image.device)
         return (image - mean[:, None, None]) / std[:, None, None]

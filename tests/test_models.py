@@ -170,6 +170,24 @@ def test_grayscale_transform_replicates_then_normalises():
         transform([torch.rand(2, 32, 32)])
 
 
+def test_colour_images_into_a_gray_model_become_torchvisions_gray():
+    from torchvision.transforms.v2.functional import rgb_to_grayscale
+
+    transform = GrayscaleTransform(32, 32, [0.1], [0.5]).eval()
+    image = torch.rand(3, 32, 32)
+    image_list, _ = transform([image])
+    assert_close(image_list.tensors[0], (rgb_to_grayscale(image) - 0.1) / 0.5, rtol=0, atol=0)
+
+
+def test_colour_mnist_small_takes_3_channels_and_imagenet_statistics():
+    model = build_model(image_channels=3)
+    assert model.backbone.body[0].in_channels == 3
+    assert model.transform.image_mean == [0.485, 0.456, 0.406]
+    assert build_model().backbone.body[0].in_channels == 1
+    with pytest.raises(ValueError, match="image_channels=2"):
+        build_model(image_channels=2)
+
+
 @pytest.mark.parametrize("roi_pool", ["align", "align-torchvision", "pool"])
 def test_roi_pool_choices(roi_pool):
     torch.manual_seed(0)

@@ -166,8 +166,13 @@ class ThreadWatch(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         on_cpu = pl_module.device.type == "cpu"
         self.governor = ThreadGovernor(active=None if on_cpu and trainer.world_size == 1 else False)
-        count = torch.tensor([torch.get_num_threads()], device=pl_module.device)
-        self.threads = [int(n) for n in trainer.strategy.all_gather(count).flatten().tolist()]
+        threads = torch.get_num_threads()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, threads)
+            self.threads = [int(n) for n in gathered]
+        else:
+            self.threads = [threads]
 
     def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
         if self.governor is not None:
