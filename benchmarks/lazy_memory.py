@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,9 @@ import yaml
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from coorddet.system import process_tree  # noqa: E402
 
 
 def write_photos(root: Path, count: int, width: int, height: int, seed: int = 0) -> None:
@@ -62,18 +64,8 @@ def write_photos(root: Path, count: int, width: int, height: int, seed: int = 0)
 
 def tree_pss_kb(pid: int) -> int:
     """PSS of ``pid`` and all its descendants, in kB (0 for processes gone meanwhile)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            children.setdefault(int(fields[1]), []).append(int(entry))
-    total, todo = 0, [pid]
-    while todo:
-        current = todo.pop()
-        todo += children.get(current, [])
+    total = 0
+    for current in process_tree(pid):
         try:
             for line in Path(f"/proc/{current}/smaps_rollup").read_text().splitlines():
                 if line.startswith("Pss:"):

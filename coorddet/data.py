@@ -43,7 +43,7 @@ from torch.utils.data import Dataset
 
 from coorddet.boxes import xywh_to_xyxy
 from coorddet.dataset_layout import annotation_file, image_folder, require_dataset
-from coorddet.errors import UserError
+from coorddet.errors import UserError, flatten
 from coorddet.images import image_channels, read_image
 from coorddet.validate import check_choice, is_int, is_number
 
@@ -259,9 +259,9 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: not valid JSON ({_one_line(err)})") from None
+        raise UserError(f"{path}: not valid JSON ({flatten(err)})") from None
     except OSError as err:
-        raise UserError(f"{path}: cannot read ({_one_line(err)})") from None
+        raise UserError(f"{path}: cannot read ({flatten(err)})") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a JSON object with images/annotations/categories")
     return data
@@ -361,7 +361,3 @@ def _is_inside(name: str) -> bool:
         and ".." not in posix.parts
         and posix.parts not in ((), (".",))
     )
-
-
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split()) or type(err).__name__

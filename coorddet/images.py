@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
-from coorddet.errors import UserError
+from coorddet.errors import UserError, flatten
 
 GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N"})
 COLOUR_MODES = frozenset({"RGB", "RGBA", "RGBa", "RGBX", "P", "PA", "CMYK", "YCbCr"})
@@ -71,7 +71,7 @@ def read_image(
                 image.load()  # truncated files fail here
                 pixels = _to_array(_upright(image))
         except _READ_ERRORS as err:
-            raise UserError(f"{file}: not a readable image ({_one_line(err)}; {listed})") from None
+            raise UserError(f"{file}: not a readable image ({flatten(err)}; {listed})") from None
     if channels == 3 and own == 1:
         pixels = np.repeat(pixels[:, :, None], 3, axis=2)
     elif channels is not None and channels != own:
@@ -85,7 +85,7 @@ def _open(file: Path, listed: str) -> Image.Image:
     except FileNotFoundError:
         raise UserError(f"{file}: image file missing ({listed})") from None
     except _READ_ERRORS as err:
-        raise UserError(f"{file}: not a readable image ({_one_line(err)}; {listed})") from None
+        raise UserError(f"{file}: not a readable image ({flatten(err)}; {listed})") from None
 
 
 def _channels(image: Image.Image, file: Path, listed: str) -> int:
@@ -129,7 +129,3 @@ def _to_array(image: Image.Image) -> np.ndarray:
         values = np.asarray(image).astype(np.int64, copy=False)
         return (np.clip(values, 0, 65535) >> 8).astype(np.uint8)
     return np.asarray(image.convert("L" if mode in GRAY_MODES else "RGB"))
-
-
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split()) or type(err).__name__

@@ -116,18 +116,28 @@ def cpu_jiffies() -> tuple[int, int]:
     return total - idle, total
 
 
+def process_tree(pid: int | None = None) -> list[int]:
+    """``pid`` (default: this process) and its live descendants (DataLoader workers, ...)."""
+    tree, todo = [], [os.getpid() if pid is None else pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        try:
+            for task in Path(f"/proc/{current}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            continue  # a process that ended meanwhile
+    return tree
+
+
 def own_jiffies(pid: int | None = None) -> int:
     """CPU time of process ``pid`` (default: this one) and its live descendants (DataLoader
     workers), in clock ticks."""
-    pid = os.getpid() if pid is None else pid
-    total, todo = 0, [pid]
-    while todo:
-        current = todo.pop()
+    total = 0
+    for current in process_tree(pid):
         try:
             stat = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
             total += int(stat[11]) + int(stat[12])  # utime + stime
-            for task in Path(f"/proc/{current}/task").iterdir():
-                todo += [int(c) for c in (task / "children").read_text().split()]
         except (OSError, ValueError, IndexError):
             continue  # a worker that ended meanwhile
     return total

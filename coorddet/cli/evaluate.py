@@ -15,6 +15,7 @@ from typing import Any
 
 from coorddet.cli import ArgumentParser, report_errors
 from coorddet.config import EvalConfig
+from coorddet.evaluation import PRECISIONS
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")  # run names become file names
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
@@ -42,7 +43,7 @@ def parse_args(argv: Sequence[str] | None) -> Any:
     add("--batch-size", type=int, default=64, help="images per inference batch (default: 64)")
     add("--num-workers", type=int, metavar="N", help="DataLoader workers decoding images "
         "(default: 0 for a split decoded into memory, 4 for one decoded lazily)")  # fmt: skip
-    add("--precision", default="32-true", choices=("32-true", "bf16-mixed"),
+    add("--precision", default="32-true", choices=PRECISIONS,
         help="inference precision; bf16-mixed: bfloat16 autocast, as train.py's (default: "
         "%(default)s)")  # fmt: skip
     add("--device", default="auto", help="cpu, cuda, cuda:1, mps, or auto (default: %(default)s)")
