@@ -80,6 +80,44 @@ def test_postprocess_detections_is_torchvision_s(counts):
     assert max(found) == 9  # capped at detections_per_img
 
 
+def _ground_truth(counts: list[int], anchors: torch.Tensor, generator: torch.Generator):
+    """Per image: ``counts[i]`` boxes, with a duplicate (tied IoUs) and an anchor itself."""
+    targets = []
+    for count in counts:
+        boxes = _boxes(count, generator, spread=60.0) + torch.tensor([0.0, 0.0, 4.0, 4.0])
+        if count >= 2:
+            boxes[1] = boxes[0]
+        if count >= 3:
+            boxes[2] = anchors[11]
+        targets.append(
+            {"boxes": boxes, "labels": torch.randint(1, 11, (count,), generator=generator)}
+        )
+    return targets
+
+
+@pytest.mark.parametrize("counts", [[3, 0, 5, 1], [0, 0], [4]])
+def test_anchor_and_proposal_matching_is_torchvision_s(counts):
+    model = build_model().train()
+    generator = torch.Generator().manual_seed(2)
+    grid = _boxes(400, generator, spread=60.0)
+    targets = _ground_truth(counts, grid, generator)
+    anchors = [grid.clone() for _ in counts]
+    mine = model.rpn.assign_targets_to_anchors(anchors, targets)
+    theirs = RegionProposalNetwork.assign_targets_to_anchors(model.rpn, anchors, targets)
+    for mine_part, their_part in zip(mine, theirs, strict=True):
+        _assert_identical(mine_part, their_part)
+    labels = set(torch.cat(mine[0]).tolist())
+    assert labels == ({-1.0, 0.0, 1.0} if max(counts) >= 3 else {0.0})  # an anchor is a box
+    proposals = [
+        grid[torch.randperm(400, generator=generator)[: 50 + 60 * i]] for i in range(len(counts))
+    ]
+    args = (proposals, [t["boxes"] for t in targets], [t["labels"] for t in targets])
+    mine = model.roi_heads.assign_targets_to_proposals(*args)
+    theirs = RoIHeads.assign_targets_to_proposals(model.roi_heads, *args)
+    for mine_part, their_part in zip(mine, theirs, strict=True):
+        _assert_identical(mine_part, their_part)
+
+
 def _torchvision_heads(model: FasterRCNN) -> FasterRCNN:
     plain = copy.deepcopy(model)
     plain.rpn.__class__ = RegionProposalNetwork
