@@ -212,6 +212,19 @@ def share_threads(processes: int) -> int | None:
     return threads
 
 
+def fix_threads(threads: int) -> None:
+    """Use ``threads`` torch threads for the whole run, as ``OMP_NUM_THREADS=threads`` would
+    (``train.py --threads``, ``coorddet.evaluate --threads``): the count is the user's, so no
+    :class:`ThreadGovernor` changes it and DDP workers inherit it undivided. A run whose thread
+    count never changes repeats its float rounding whatever else the machine does."""
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    os.environ.pop(CHOSEN, None)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+
+
 def _set_threads(threads: int, mark: str = "auto") -> None:
     os.environ.update({"OMP_NUM_THREADS": str(threads), CHOSEN: mark})
     if "torch" in sys.modules:

@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 from torch.testing import assert_close
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -97,10 +98,29 @@ def test_composed_as_torchvision_s_faster_rcnn_constructor_would_build_it():
                 assert torch.equal(mine[key], other[key]), key
 
 
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_mnist_small_pools_before_relu_with_the_paper_s_numbers(padding):
+    """max-pool -> ReLU is the paper's ReLU -> max-pool, forward and backward, bit for bit."""
+    torch.manual_seed(0)
+    ours = MnistSmallBackbone(padding=padding)
+    body = ours.body
+    paper = nn.Sequential(body.conv1, body.relu1, body.pool1, body.conv2, body.relu2, body.pool2)
+    images = torch.rand(4, 1, 64, 64) - 0.5  # many windows with no positive value
+    images[0, 0, :20] = 0.0  # and ties: flat windows
+    results = []
+    for net in (ours, paper):
+        ours.zero_grad(set_to_none=True)
+        out = net(images)
+        out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape))
+        results.append([out, *(p.grad for p in ours.parameters())])
+    for mine, theirs in zip(*results, strict=True):
+        assert torch.equal(mine, theirs)
+
+
 def test_mnist_small_layout():
     model = build_model()
     body = model.backbone.body
-    assert [name for name, _ in body.named_children()][:3] == ["conv1", "relu1", "pool1"]
+    assert [name for name, _ in body.named_children()][:3] == ["conv1", "pool1", "relu1"]
     assert body.conv1.in_channels == 1 and body.conv2.out_channels == 64
     assert model.backbone(torch.zeros(2, 1, 64, 64)).shape == (2, 64, 16, 16)
     assert model.rpn.head.conv[0][0].in_channels == 64

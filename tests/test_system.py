@@ -12,7 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from coorddet.system import CpuShare, ThreadGovernor, keep_freed_memory, threads_for, use_huge_pages
+from coorddet.system import (
+    CpuShare,
+    ThreadGovernor,
+    fix_threads,
+    keep_freed_memory,
+    share_threads,
+    threads_for,
+    use_huge_pages,
+)
 
 
 def test_huge_pages_on_unless_the_user_chose(monkeypatch):
@@ -170,11 +178,12 @@ def test_a_neighbour_that_starts_during_a_run_takes_a_thread(monkeypatch):
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_ddp_processes_share_the_chosen_threads(tiny_dataset, tmp_path):
-    def run(out: Path, **settings: str) -> str:
+    def run(out: Path, *flags: str, **settings: str) -> str:
         result = subprocess.run(
             [sys.executable, "train.py", "--config", "configs/smoke.yaml", "--data",
              str(tiny_dataset), "--out", str(out), "--accelerator", "cpu", "--devices", "2",
-             "--strategy", "ddp", "--limit-train-batches", "1", "--limit-val-batches", "1"],
+             "--strategy", "ddp", "--limit-train-batches", "1", "--limit-val-batches", "1",
+             *flags],
             capture_output=True, text=True, env={**thread_env(**settings), "PYTHONWARNINGS": "ignore"},
             cwd=ROOT, timeout=300,
         )  # fmt: skip
@@ -186,3 +195,24 @@ def test_ddp_processes_share_the_chosen_threads(tiny_dataset, tmp_path):
     assert len(threads) == 2 and threads[0] == threads[1]  # each process its share
     assert 1 <= sum(threads) <= max(2, os.cpu_count()) and "chosen from the free cores" in chosen
     assert "per process: [1, 1] (OMP_NUM_THREADS" in run(tmp_path / "user", OMP_NUM_THREADS="1")
+    # --threads is the user's choice too, over OMP_NUM_THREADS, and not divided
+    assert "per process: [1, 1] (--threads 1)" in run(
+        tmp_path / "flag", "--threads", "1", OMP_NUM_THREADS="2"
+    )
+
+
+def test_fixed_threads_are_the_user_s_and_stay(monkeypatch):
+    import torch
+
+    monkeypatch.setenv("COORDDET_THREADS", "auto")  # as if coorddet had chosen 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    before = torch.get_num_threads()
+    try:
+        fix_threads(1)
+        assert torch.get_num_threads() == 1 and os.environ["OMP_NUM_THREADS"] == "1"
+        assert "COORDDET_THREADS" not in os.environ  # DDP workers inherit 1, undivided
+        assert not ThreadGovernor().active and share_threads(2) is None
+        with pytest.raises(ValueError, match="threads must be >= 1"):
+            fix_threads(0)
+    finally:
+        torch.set_num_threads(before)

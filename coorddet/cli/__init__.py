@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from coorddet.errors import UserError
-from coorddet.system import configure_memory, configure_threads
+from coorddet.system import configure_memory, configure_threads, fix_threads
 
 USER_ERROR_EXIT = 2
 FAULT_EXIT = 1
@@ -24,6 +24,26 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(USER_ERROR_EXIT, f"{self.prog}: error: {message}\n")
+
+
+def add_threads_option(parser: argparse.ArgumentParser) -> None:
+    """``--threads N``, the same in every command (:func:`threads_option` reads it)."""
+    parser.add_argument(
+        "--threads", type=int, metavar="N",
+        help="torch threads per process for the whole run, as OMP_NUM_THREADS=N (default: the "
+        "cores other processes leave free, re-checked every 2 s; a fixed count repeats a "
+        "run's float rounding whatever the machine's load)",
+    )  # fmt: skip
+
+
+def threads_option(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Apply ``--threads`` (:func:`coorddet.system.fix_threads`); a count below 1 is a usage
+    error."""
+    if args.threads is None:
+        return
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    fix_threads(args.threads)
 
 
 def report_errors(

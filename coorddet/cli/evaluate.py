@@ -13,7 +13,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from coorddet.cli import ArgumentParser, report_errors
+from coorddet.cli import ArgumentParser, add_threads_option, report_errors, threads_option
 from coorddet.config import EvalConfig
 from coorddet.evaluation import PRECISIONS
 
@@ -56,8 +56,10 @@ def parse_args(argv: Sequence[str] | None) -> Any:
     add("--trust-checkpoint", action="store_true", help="allow checkpoints that hold Python "
         "objects (can run code when loaded); only for files you trust")  # fmt: skip
     add("--overwrite", action="store_true", help="replace a non-empty REPORT_DIR")
+    add_threads_option(parser)
     add("--quiet", action="store_true", help="no progress bar or timing lines")
     args = parser.parse_args(argv)
+    threads_option(parser, args)
     if not args.checkpoints and not args.predictions:
         parser.error("give at least one CKPT or --predictions FILE.json")
     if len(args.name) != len(args.predictions):

@@ -25,7 +25,14 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from coorddet.cli import FAULT_EXIT, ArgumentParser, one_line, report_errors
+from coorddet.cli import (
+    FAULT_EXIT,
+    ArgumentParser,
+    add_threads_option,
+    one_line,
+    report_errors,
+    threads_option,
+)
 from coorddet.cli.rundir import (
     ResumePoint,
     check_out_dir,
@@ -87,8 +94,10 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Any, dict[str, Any]]:
     add("--limit-train-batches", type=number, metavar="N|FRAC", help="batches (int) or fraction")
     add("--limit-val-batches", type=number, metavar="N|FRAC", help="batches (int) or fraction")
     add("--overwrite", action="store_true", help="delete and replace an existing run directory")
+    add_threads_option(parser)
     add("--quiet", action="store_true", help="no progress bar or model summary (CI logs)")
     args = parser.parse_args(argv)
+    threads_option(parser, args)
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite contradict each other; pass one of them")
 
@@ -331,14 +340,16 @@ def _train(
         print(f"{config.run_name}: {metrics['epochs']} epochs in {seconds:.1f} s; {shown}")
         threads = next(c.threads for c in trainer.callbacks if isinstance(c, ThreadWatch))
         print(f"torch threads at the start of training, per process: {threads} "
-              f"({_thread_source()})")  # fmt: skip
+              f"({_thread_source(args.threads)})")  # fmt: skip
     print(f"run written to {out}/ (checkpoints/best.ckpt, metrics.json, config.yaml)")
     return 0
 
 
-def _thread_source() -> str:
+def _thread_source(flag: int | None) -> str:
     from coorddet.system import CHOSEN, user_chose_threads
 
+    if flag is not None:
+        return f"--threads {flag}"
     if user_chose_threads():
         return "OMP_NUM_THREADS/MKL_NUM_THREADS, as set"
     return "chosen from the free cores" if CHOSEN in os.environ else "torch's default"
