@@ -27,7 +27,7 @@ from coorddet.data import CocoDataset, collate_detection  # noqa: E402
 from coorddet.dataset_layout import annotation_file  # noqa: E402
 from coorddet.inference import predict_with_proposals  # noqa: E402
 from coorddet.metrics import evaluate_records  # noqa: E402
-from coorddet.system import configure_memory  # noqa: E402
+from coorddet.system import configure_memory, configure_threads, fix_threads  # noqa: E402
 
 KEYS = ("map", "mar_100", "rpn_iou", "det_iou", "gt_iou")
 
@@ -63,7 +63,9 @@ def main() -> None:
     args = parser.parse_args()
     configure_memory()  # as train.py and coorddet.evaluate do
     if args.threads:
-        torch.set_num_threads(args.threads)
+        fix_threads(args.threads)
+    else:
+        configure_threads()
     dataset = CocoDataset(args.data, args.split)
     coco = COCO(str(annotation_file(args.data, args.split)))
     batches = []

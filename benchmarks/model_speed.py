@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torchvision.ops.roi_align import _roi_align
 
 from coorddet.models import build_model
-from coorddet.system import configure_memory
+from coorddet.system import configure_memory, fix_threads
 
 SWEEP: list[tuple[str, dict]] = [
     ("box_batch_size_per_image=64", {"box_batch_size_per_image": 64}),
@@ -158,7 +158,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     configure_memory()  # as train.py and coorddet.evaluate do
-    torch.set_num_threads(args.threads)
+    fix_threads(args.threads)  # fixed: variants are compared at the same count
     base = dict(kv.split("=", 1) for kv in args.set)
     base = {key: parse_value(value) for key, value in base.items()}
     print(

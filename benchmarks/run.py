@@ -65,7 +65,12 @@ from coorddet.fileio import write_json_atomic  # noqa: E402
 from coorddet.inference import predict_with_proposals  # noqa: E402
 from coorddet.models import build_model  # noqa: E402
 from coorddet.module import DetectionModule  # noqa: E402
-from coorddet.system import configure_memory, configure_threads, describe_machine  # noqa: E402
+from coorddet.system import (  # noqa: E402
+    configure_memory,
+    configure_threads,
+    describe_machine,
+    fix_threads,
+)
 from data_gen import GeneratorConfig, generate  # noqa: E402
 
 BATCH = 16
@@ -247,14 +252,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="fewer steps, one round (< 2 min)")
     parser.add_argument("--out", metavar="FILE.json", help="also write the results as JSON")
-    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, help="torch threads, fixed (default: the "
+                        "cores free at start, re-checked during training)")  # fmt: skip
     args = parser.parse_args(argv)
     configure_memory()  # as train.py and coorddet.evaluate do
     if args.threads is not None:
         if args.threads < 1:
             parser.error("--threads must be >= 1")
-        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the user's: the policy keeps it
-        torch.set_num_threads(args.threads)
+        fix_threads(args.threads)  # the user's: the policy keeps it
     else:
         configure_threads()
     threads = torch.get_num_threads()
