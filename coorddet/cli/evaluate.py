@@ -84,8 +84,9 @@ def parse_args(argv: Sequence[str] | None) -> Any:
 def evaluate_command(argv: Sequence[str] | None = None) -> int:
     """The command: evaluate, print the summary. Raises :class:`UserError` on a user mistake."""
     args = parse_args(argv)
-    from coorddet.evaluation import PLOTS, evaluate  # no torch import: that happens inside
-    from coorddet.report import group_table, metrics_table
+    # Neither imports torch at the top: evaluate checks the arguments, data, checkpoints and
+    # report folder first, so a mistake is one line in a fraction of a second.
+    from coorddet.evaluation import PLOTS, evaluate
 
     result = evaluate(
         data=args.data,
@@ -105,6 +106,8 @@ def evaluate_command(argv: Sequence[str] | None = None) -> int:
         overwrite=args.overwrite,
         quiet=args.quiet,
     )
+    from coorddet.report import group_table, metrics_table
+
     lines = metrics_table(result.metrics, result.baseline, result.compared)
     if result.groups:
         lines += ["", "seeds aggregated: mean ± std [95% CI] (n)"]
