@@ -16,7 +16,6 @@ Every mistake raises :class:`~coorddet.errors.UserError` naming the offending ke
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 import types
 import typing
@@ -28,10 +27,9 @@ import yaml
 
 from coorddet.errors import UserError
 from coorddet.fileio import write_text_atomic
+from coorddet.optim import OPTIMIZERS, SCHEDULERS
 from coorddet.validate import is_int, is_number
 
-OPTIMIZERS = ("sgd", "adamw", "adam")
-SCHEDULERS = ("cosine", "step", "none")
 MAX_SEED = 2**32 - 1  # what numpy (and so seed_everything) accepts
 
 
@@ -116,14 +114,9 @@ _SECTIONS = {"data": DataConfig, "optim": OptimConfig, "trainer": TrainerConfig,
 
 def model_defaults() -> dict[str, Any]:
     """The keyword arguments of :func:`coorddet.models.build_model` with their defaults."""
-    from coorddet.models import build_model
+    from coorddet.models import model_defaults as defaults
 
-    params = inspect.signature(build_model).parameters.values()
-    return {
-        p.name: p.default
-        for p in params
-        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is not inspect.Parameter.empty
-    }
+    return defaults()
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

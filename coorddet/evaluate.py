@@ -1,6 +1,7 @@
-"""``python -m coorddet.evaluate``: the evaluation command (:mod:`coorddet.cli.evaluate`).
+"""``python -m coorddet.evaluate``: the evaluation command's entry point.
 
-The command's library function is :func:`coorddet.evaluation.evaluate`, re-exported here.
+The command line is :mod:`coorddet.cli.evaluate`; the library it calls is
+:func:`coorddet.evaluation.evaluate` (predict -> score -> write), re-exported here.
 """
 
 from coorddet.cli.evaluate import main

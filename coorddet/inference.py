@@ -1,25 +1,24 @@
 """Inference with torchvision's detection internals: the one module that reaches into them.
 
-Three jobs, all tied to torchvision's private inference code (hence one module, and its
+Two jobs, both tied to torchvision's private inference code (hence one module, and its
 bit-exact tripwire tests beside it in ``tests/test_inference.py``, which fail the day a
 torchvision release changes what is copied or reused here):
 
 - :func:`predict_with_proposals`: detections exactly as ``model(images)`` gives them, plus
   :func:`paper_proposals`, the CoordConv paper's RPN proposals (NMS 0.8, the 10 best), from
-  one backbone pass. It replays ``GeneralizedRCNN.forward`` step by step and runs a shallow
-  copy of the RPN with other ``_pre_nms_top_n``/``_post_nms_top_n``; proposals are rescaled
-  with ``resize_boxes`` from torchvision's (unexported) ``transform`` module.
+  one backbone pass, for the detectors that :func:`has_proposals`. It replays
+  ``GeneralizedRCNN.forward`` step by step and runs a shallow copy of the RPN with other
+  ``_pre_nms_top_n``/``_post_nms_top_n``; proposals are rescaled with ``resize_boxes`` from
+  torchvision's (unexported) ``transform`` module. The evaluation's predict stage
+  (:mod:`coorddet.evaluation.predict`) calls it.
 - :class:`BatchedRegionProposalNetwork` and :class:`BatchedRoIHeads`: torchvision's proposal
   filtering, detection post-processing and (in training) matching of anchors and proposals to
   the ground truth with the per-image steps batched (torchvision clips, thresholds, drops
-  small boxes and matches image by image: ~25 small tensor operations per image, more than
-  the RPN head's convolution for a 64-canvas batch of ``mnist-small``). Only what cannot be
-  batched stays per image (picking an image's surviving boxes, non-maximum suppression, the
-  samplers' random draws), with the same torchvision calls on the same boxes in the same
-  order: the outputs are torchvision's, bit for bit. Batch-64 inference measured ~12% faster;
-  for a 16-image training step of ``mnist-small``, matching anchors took 2.9 ms instead of
-  6.7 and sampling the RoI heads' proposals 2.4 ms instead of 3.5.
-  :func:`coorddet.models.build_model` builds its detectors with them;
+  small boxes and matches image by image: many small tensor operations per image). Only what
+  cannot be batched stays per image (picking an image's surviving boxes, non-maximum
+  suppression, the samplers' random draws), with the same torchvision calls on the same boxes
+  in the same order: the outputs are torchvision's, bit for bit (docs/speed.md has the gain).
+  :mod:`coorddet.detectors` builds its detectors with them;
   :func:`use_batched_postprocessing` gives any torchvision Faster R-CNN the same.
 
 This module must stay TorchScript-compatible: no ``from __future__ import annotations``.
@@ -47,6 +46,14 @@ from coorddet.predictions import ImagePrediction
 # --- detections and the paper's proposals ----------------------------------------------------
 
 
+def has_proposals(model: torch.nn.Module) -> bool:
+    """Whether ``model`` has torchvision's region proposal network (a ``GeneralizedRCNN``):
+    :func:`predict_with_proposals` and :func:`paper_proposals` apply to it."""
+    return isinstance(model, GeneralizedRCNN) and isinstance(
+        getattr(model, "rpn", None), RegionProposalNetwork
+    )
+
+
 def paper_proposals(
     model: GeneralizedRCNN,
     images: ImageList,
@@ -70,7 +77,7 @@ def paper_proposals(
     the RPN's ``pre_nms_top_n``, 300 for ``mnist-small``), then on all of them for a batch in
     which an image kept fewer than ``top_k``. Same result: greedy NMS decides each box from
     the better-scored ones alone, so the first ``top_k`` kept of a prefix are the first
-    ``top_k`` kept of the whole list. It made batch-64 inference ~8% faster.
+    ``top_k`` kept of the whole list (faster; docs/speed.md).
     """
     if top_k < 1 or not 0.0 < nms_iou <= 1.0:
         raise ValueError(f"need top_k >= 1 and 0 < nms_iou <= 1, got {top_k=}, {nms_iou=}")

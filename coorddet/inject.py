@@ -1,28 +1,32 @@
-"""Put CoordConv layers into any torchvision Faster R-CNN, without forking torchvision.
+"""Put CoordConv layers into torchvision detectors, without forking torchvision.
 
-:func:`inject_coordconv` walks ``named_modules()`` of the model's sub-trees, swaps the chosen
-``nn.Conv2d`` modules for :meth:`CoordConv2d.from_conv` copies (same outputs until training
-moves the coordinate weights) and returns their qualified names, in the style of torchvision's
-``overwrite_eps``. Checkpoint keys stay stable: an injected conv keeps its ``weight``/``bias``
-keys and shapes and gains one ``coord_weight`` key (e.g. ``rpn.head.bbox_pred.coord_weight``).
+:func:`inject_coordconv` swaps the ``nn.Conv2d`` modules at the chosen sites for
+:meth:`CoordConv2d.from_conv` copies (same outputs until training moves the coordinate
+weights) and returns their qualified names, in the style of torchvision's ``overwrite_eps``.
+Checkpoint keys stay stable: an injected conv keeps its ``weight``/``bias`` keys and gains one
+``coord_weight`` key (e.g. ``rpn.head.bbox_pred.coord_weight``).
 
-Per-image extent: torchvision's transform zero-pads the images of a batch to one 32-divisible
-size. So that a pixel's coordinates do not depend on its batch-mates, a forward hook on
-``model.transform`` writes each image's real (height, width) as a fraction of the padded batch
-into one small CPU tensor that every image-aligned injected layer shares (its
-``image_extent``); a forward pre-hook on ``model.roi_heads`` empties it again once the
-backbone and RPN are done. Layers derive their stride from their own map size, so the one
-tensor serves every level; coordinates span each image and are 0 on its padding. The tensor is
-a plain attribute (``coordconv_image_extent`` on ``model.transform`` and ``model.roi_heads``),
-not a buffer: not in the ``state_dict``, not moved by ``.to()``; ``copy.deepcopy`` and
-``torch.save`` keep it shared within the copy. Both hooks are TorchScript-compatible
-functions: ``torch.jit.script`` of an injected model works and keeps the per-image extents.
-One model object must not run forwards from several threads at once (they would share it).
+Sites are data: each detector family declares a :class:`SiteTable` (site name -> the modules
+it covers -> image-aligned or RoI-relative), and :data:`FAMILIES` maps a model class to its
+table. Adding a detector family is adding a table, not code.
+
+Per-image extent: torchvision's transform zero-pads the images of a batch to one size. So that
+a pixel's coordinates do not depend on its batch-mates, a forward hook on the family's
+transform writes each image's real (height, width) as a fraction of the padded batch into one
+small CPU tensor that every image-aligned injected layer shares (its ``image_extent``); a
+forward pre-hook on the family's ``extent_ends_at`` module (the first one after every
+image-aligned layer) empties it again. Layers derive their stride from their own map size, so
+the one tensor serves every pyramid level. The tensor is a plain attribute
+(``coordconv_image_extent`` on both hooked modules), not a buffer: not in the ``state_dict``,
+not moved by ``.to()``; ``copy.deepcopy`` and ``torch.save`` keep it shared within the copy.
+Both hooks are TorchScript-compatible. One model object must not run forwards from several
+threads at once (they would share the tensor).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -31,38 +35,18 @@ from torchvision.models.detection.image_list import ImageList
 
 from coorddet.coordconv import CoordConv2d
 
-SITES = ("backbone-stem", "backbone", "fpn", "rpn-head", "rpn-box", "roi-head")
-"""Where CoordConv can go:
 
-* ``backbone-stem``: the first conv of the backbone (``model.backbone.body`` when present);
-* ``backbone``: every conv of the backbone body (not the FPN);
-* ``fpn``: every conv of ``model.backbone.fpn``;
-* ``rpn-head``: the RPN's shared 3x3 conv(s), ``model.rpn.head.conv``;
-* ``rpn-box``: the RPN's box-regression conv, ``model.rpn.head.bbox_pred``;
-* ``roi-head``: convs of ``model.roi_heads.box_head`` (torchvision's ``TwoMLPHead`` has none).
-  Their input is one RoI-pooled crop per row, so their coordinates are relative to the RoI.
-"""
+@dataclass(frozen=True)
+class Site:
+    """The convs of one site: every ``nn.Conv2d`` under the first of ``roots`` that the model
+    has (minus those under ``exclude``), or only the first of them (``first_only``).
+    ``image_aligned``: its input is the image's map (coordinates span each image); ``False``:
+    one RoI crop per row (coordinates relative to the RoI, no extent)."""
 
-DEFAULT_SITES = ("backbone-stem", "rpn-head", "rpn-box")
-"""The paper's placement for detection: at the input, in the RPN, before its box regressor."""
-
-EXTENT_ATTRIBUTE = "coordconv_image_extent"  # on model.transform and model.roi_heads
-
-
-def _record_image_extent(
-    module: nn.Module,
-    inputs: tuple[list[Tensor], list[dict[str, Tensor]] | None],
-    output: tuple[ImageList, list[dict[str, Tensor]] | None],
-) -> None:
-    """Forward hook on ``model.transform``: per-image extent as fractions of the batch."""
-    image_list = output[0]
-    height, width = image_list.tensors.shape[-2:]
-    fractions: list[list[float]] = []
-    for image_height, image_width in image_list.image_sizes:
-        fractions.append([image_height / height, image_width / width])
-    extent: Tensor = module.coordconv_image_extent
-    new = torch.tensor(fractions, dtype=torch.float64).reshape(-1, 2)
-    extent.resize_(new.shape).copy_(new)
+    roots: tuple[str, ...]
+    image_aligned: bool = True
+    first_only: bool = False
+    exclude: str | None = None
 
 
 def _forget_image_extent(
@@ -71,21 +55,62 @@ def _forget_image_extent(
         dict[str, Tensor], list[Tensor], list[tuple[int, int]], list[dict[str, Tensor]] | None
     ],
 ) -> None:
-    """Forward pre-hook on ``model.roi_heads``, which runs after every image-aligned layer:
-    later stand-alone calls of those layers use the whole map again."""
+    """Forward pre-hook on ``roi_heads``, which runs after every image-aligned layer of a
+    ``GeneralizedRCNN``: later stand-alone calls of those layers use the whole map again.
+    (TorchScript wants a hook's types to be its module's, hence one hook per family.)"""
     extent: Tensor = module.coordconv_image_extent
     extent.resize_(0, 2)
 
 
-def _conv_names(modules: dict[str, nn.Module], root: str, exclude: str | None = None) -> list[str]:
-    prefix = root + "."
-    return [
-        name
-        for name, module in modules.items()
-        if isinstance(module, nn.Conv2d)
-        and (name == root or name.startswith(prefix))
-        and not (exclude and (name == exclude or name.startswith(exclude + ".")))
-    ]
+@dataclass(frozen=True)
+class SiteTable:
+    """A detector family's sites, and where its per-image extent lives: set by a forward hook
+    on ``transform``, emptied by ``forget_hook`` before ``extent_ends_at`` runs."""
+
+    sites: dict[str, Site]
+    extent_ends_at: str
+    forget_hook: Callable[..., None]
+    transform: str = "transform"
+
+
+_BODY = ("backbone.body", "backbone")  # an FPN backbone's body, else the backbone itself
+
+GENERALIZED_RCNN = SiteTable(
+    sites={
+        "backbone-stem": Site(_BODY, first_only=True, exclude="backbone.fpn"),
+        "backbone": Site(_BODY, exclude="backbone.fpn"),
+        "fpn": Site(("backbone.fpn",)),
+        "rpn-head": Site(("rpn.head.conv",)),
+        "rpn-box": Site(("rpn.head.bbox_pred",)),
+        "roi-head": Site(("roi_heads.box_head",), image_aligned=False),
+    },
+    extent_ends_at="roi_heads",  # after the backbone and the RPN
+    forget_hook=_forget_image_extent,
+)
+"""Faster R-CNN and every other ``GeneralizedRCNN`` (coorddet's RPN-only detector too)."""
+
+FAMILIES: dict[type[nn.Module], SiteTable] = {GeneralizedRCNN: GENERALIZED_RCNN}
+"""Model class -> its site table; the first class a model is an instance of wins."""
+
+SITES = tuple(dict.fromkeys(site for table in FAMILIES.values() for site in table.sites))
+"""Every site name of every family: ``backbone-stem`` (the backbone's first conv),
+``backbone`` (every conv of the backbone body, not the FPN), ``fpn``, ``rpn-head`` (the RPN's
+shared conv), ``rpn-box`` (the RPN's box regressor) and ``roi-head`` (the box head's convs,
+RoI-relative; torchvision's ``TwoMLPHead`` has none)."""
+
+DEFAULT_SITES = ("backbone-stem", "rpn-head", "rpn-box")
+"""The paper's placement for detection: at the input, in the RPN, before its box regressor."""
+
+EXTENT_ATTRIBUTE = "coordconv_image_extent"  # on the table's transform and extent_ends_at
+
+
+def site_table(model: nn.Module) -> SiteTable:
+    """The :class:`SiteTable` of ``model``'s family; ``ValueError`` for an unknown family."""
+    for family, table in FAMILIES.items():
+        if isinstance(model, family):
+            return table
+    known = ", ".join(family.__name__ for family in FAMILIES)
+    raise ValueError(f"no CoordConv sites are known for {type(model).__name__} (known: {known})")
 
 
 def check_sites(sites: Iterable[str] | str) -> list[str]:
@@ -100,50 +125,73 @@ def check_sites(sites: Iterable[str] | str) -> list[str]:
     return site_list
 
 
-def site_modules(model: GeneralizedRCNN, site: str) -> list[str]:
+def site_modules(model: nn.Module, site: str) -> list[str]:
     """Qualified names of the convs (plain or already CoordConv) at ``site``, model order."""
-    if site not in SITES:
-        raise ValueError(f"unknown CoordConv site {site!r}; valid sites: {', '.join(SITES)}")
+    check_sites([site])
+    spec = site_table(model).sites.get(site)
+    if spec is None:
+        return []
     modules = dict(model.named_modules())
-    body = "backbone.body" if "backbone.body" in modules else "backbone"
-    if site == "backbone-stem":
-        return _conv_names(modules, body, exclude="backbone.fpn")[:1]
-    if site == "backbone":
-        return _conv_names(modules, body, exclude="backbone.fpn")
-    if site == "fpn":
-        return _conv_names(modules, "backbone.fpn")
-    if site == "rpn-head":
-        return _conv_names(modules, "rpn.head.conv")
-    if site == "rpn-box":
-        return _conv_names(modules, "rpn.head.bbox_pred")
-    return _conv_names(modules, "roi_heads.box_head")
+    root = next((root for root in spec.roots if root in modules), None)
+    if root is None:
+        return []
+    names = [
+        name
+        for name, module in modules.items()
+        if isinstance(module, nn.Conv2d)
+        and _under(name, root)
+        and not (spec.exclude and _under(name, spec.exclude))
+    ]
+    return names[:1] if spec.first_only else names
 
 
-def _shared_extent(model: GeneralizedRCNN) -> Tensor:
+def _under(name: str, root: str) -> bool:
+    return name == root or name.startswith(root + ".")
+
+
+def _record_image_extent(
+    module: nn.Module,
+    inputs: tuple[list[Tensor], list[dict[str, Tensor]] | None],
+    output: tuple[ImageList, list[dict[str, Tensor]] | None],
+) -> None:
+    """Forward hook on the transform: per-image extent as fractions of the padded batch."""
+    image_list = output[0]
+    height, width = image_list.tensors.shape[-2:]
+    fractions: list[list[float]] = []
+    for image_height, image_width in image_list.image_sizes:
+        fractions.append([image_height / height, image_width / width])
+    extent: Tensor = module.coordconv_image_extent
+    new = torch.tensor(fractions, dtype=torch.float64).reshape(-1, 2)
+    extent.resize_(new.shape).copy_(new)
+
+
+def _shared_extent(model: nn.Module, table: SiteTable) -> Tensor:
     """The model's extent tensor, creating it and registering both hooks on first use."""
-    transform, roi_heads = model.transform, model.roi_heads
-    extent = getattr(transform, EXTENT_ATTRIBUTE, None)
+    start = model.get_submodule(table.transform)
+    end = model.get_submodule(table.extent_ends_at)
+    extent = getattr(start, EXTENT_ATTRIBUTE, None)
     if extent is None:
         # A plain attribute, not a buffer: not in the state_dict, never moved by .to().
         extent = torch.empty(0, 2, dtype=torch.float64)
-        setattr(transform, EXTENT_ATTRIBUTE, extent)
-        setattr(roi_heads, EXTENT_ATTRIBUTE, extent)
-    if _record_image_extent not in transform._forward_hooks.values():
-        transform.register_forward_hook(_record_image_extent)
-    if _forget_image_extent not in roi_heads._forward_pre_hooks.values():
-        roi_heads.register_forward_pre_hook(_forget_image_extent)
+        setattr(start, EXTENT_ATTRIBUTE, extent)
+        setattr(end, EXTENT_ATTRIBUTE, extent)
+    if _record_image_extent not in start._forward_hooks.values():
+        start.register_forward_hook(_record_image_extent)
+    if table.forget_hook not in end._forward_pre_hooks.values():
+        end.register_forward_pre_hook(table.forget_hook)
     return extent
 
 
 def inject_coordconv(
-    model: GeneralizedRCNN, sites: Iterable[str] | str = DEFAULT_SITES, with_r: bool = False
+    model: nn.Module, sites: Iterable[str] | str = DEFAULT_SITES, with_r: bool = False
 ) -> list[str]:
     """Replace the ``nn.Conv2d`` modules at ``sites`` with ``CoordConv2d.from_conv`` copies.
 
-    Works on any torchvision ``FasterRCNN`` (``mnist-small``, ``fasterrcnn_resnet50_fpn``,
-    ``fasterrcnn_mobilenet_v3_large_fpn``, ...). The model computes exactly what it did
-    before until the zero-initialised coordinate weights are trained. Convs that already are
-    ``CoordConv2d`` are left alone, so injecting twice changes nothing.
+    Works on any model of a family in :data:`FAMILIES` (``mnist-small``,
+    ``fasterrcnn_resnet50_fpn``, ``fasterrcnn_mobilenet_v3_large_fpn``, ...). The model
+    computes exactly what it did before until the zero-initialised coordinate weights are
+    trained. Convs that already are ``CoordConv2d`` are left alone: injecting twice changes
+    nothing.
 
     Args:
         model: the detector, changed in place.
@@ -154,22 +202,24 @@ def inject_coordconv(
         The qualified module names replaced, in model order (e.g. ``"backbone.body.conv1"``).
 
     Raises:
-        ValueError: an unknown site name (the message lists the valid ones), or a site with
-            no conv in this model.
+        ValueError: an unknown site name (the message lists the valid ones), a model of an
+            unknown family, or a site with no conv in this model.
     """
     site_list = check_sites(sites)
-    chosen: dict[str, bool] = {}  # name -> image-aligned (False for RoI-head convs)
+    table = site_table(model)
+    chosen: dict[str, bool] = {}  # name -> image-aligned
     for site in site_list:
         names = site_modules(model, site)
         if not names:
+            backbone = type(getattr(model, "backbone", model)).__name__
             raise ValueError(
                 f"CoordConv site {site!r} matches no conv in this {type(model).__name__} "
-                f"(backbone {type(model.backbone).__name__}); choose other sites"
+                f"(backbone {backbone}); choose other sites"
             )
-        chosen.update(dict.fromkeys(names, site != "roi-head"))
+        chosen.update(dict.fromkeys(names, table.sites[site].image_aligned))
     modules = dict(model.named_modules())
     replaced = []
-    extent = _shared_extent(model) if any(chosen.values()) else None
+    extent = _shared_extent(model, table) if any(chosen.values()) else None
     for name in modules:  # model order
         if name not in chosen or isinstance(modules[name], CoordConv2d):
             continue

@@ -203,3 +203,8 @@ def evaluate_records(
     metrics = coco_metrics(coco_gt, to_coco_results(records), image_ids=ids)
     metrics.update(iou_metrics(records, gts, score_thresh=score_thresh))
     return {key: metrics[key] for key in METRIC_KEYS}
+
+
+def finite_or_none(metrics: Mapping[str, float | None]) -> dict[str, float | None]:
+    """``metrics`` for JSON: NaN ("undefined") becomes ``None`` (``null``), the rest floats."""
+    return {k: None if v is None or math.isnan(v) else float(v) for k, v in metrics.items()}

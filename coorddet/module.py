@@ -7,7 +7,6 @@ what one training step is, how validation is scored (:mod:`coorddet.metrics`, th
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from typing import Any
@@ -18,9 +17,11 @@ import torch
 from torch import Tensor, nn
 
 from coorddet.checkpoint import CHECKPOINT_KEY
-from coorddet.inference import predict_with_proposals
-from coorddet.metrics import METRIC_KEYS, evaluate_records
+from coorddet.evaluation.predict import predict_batch
+from coorddet.evaluation.score import score
+from coorddet.metrics import METRIC_KEYS, finite_or_none
 from coorddet.models import is_rpn_only
+from coorddet.optim import build_optimizer, lr_factor
 from coorddet.predictions import ImagePrediction, with_category_ids
 
 CHECKPOINT_FORMAT = 1
@@ -69,7 +70,7 @@ class DetectionModule(L.LightningModule):
         self._log_step = True
         self.train_images = 0
         self.train_seconds = 0.0
-        self.last_metrics: dict[str, float] = {}
+        self.last_metrics: dict[str, float | None] = {}
         self._epoch_loss = torch.zeros(())  # this epoch's summed training loss, and steps
         self._epoch_steps = 0
 
@@ -134,12 +135,12 @@ class DetectionModule(L.LightningModule):
     def validation_step(self, batch: tuple[list[Tensor], list[dict]], batch_idx: int) -> None:
         images, targets = batch
         image_ids = [int(t["image_id"]) for t in targets]
-        records = predict_with_proposals(
+        records = predict_batch(
             self.model,
             list(images),
             image_ids=image_ids,
-            top_k=self.hparams.rpn_top_k,
-            nms_iou=self.hparams.rpn_nms_iou,
+            rpn_top_k=self.hparams.rpn_top_k,
+            rpn_nms_iou=self.hparams.rpn_nms_iou,
         )
         category_ids = self.trainer.datamodule.val_dataset.category_ids
         self._val_records += with_category_ids(records, category_ids)
@@ -155,16 +156,17 @@ class DetectionModule(L.LightningModule):
         if self.trainer.sanity_checking or not records:
             return
         coco_gt = self.trainer.datamodule.val_dataset.coco
-        metrics = evaluate_records(
+        metrics = score(
             coco_gt,
             records,
             score_thresh=self.hparams.score_thresh,
             detections=not is_rpn_only(self.model),
         )
         self.last_metrics = metrics
-        # NaN (e.g. no large digits -> map_large undefined) would poison checkpoint monitoring.
+        # None (NaN: e.g. no large digits -> map_large undefined) would poison checkpoint
+        # monitoring, so it is not logged.
         for key, value in metrics.items():
-            if not math.isnan(value):
+            if value is not None:
                 # Identical on every rank; sync_dist only keeps Lightning's DDP check quiet.
                 self.log(key, value, prog_bar=key in ("map_50", "rpn_iou"), sync_dist=True)
 
@@ -172,37 +174,22 @@ class DetectionModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         settings = self.hparams
         params = [p for p in self.model.parameters() if p.requires_grad]
-        if settings.optimizer == "sgd":
-            optimizer = torch.optim.SGD(
-                params,
-                lr=settings.lr,
-                momentum=settings.momentum,
-                weight_decay=settings.weight_decay,
-            )
-        elif settings.optimizer == "adam":
-            optimizer = torch.optim.Adam(params, lr=settings.lr, weight_decay=settings.weight_decay)
-        elif settings.optimizer == "adamw":
-            optimizer = torch.optim.AdamW(
-                params, lr=settings.lr, weight_decay=settings.weight_decay
-            )
-        else:
-            raise ValueError(f"unknown optimizer {settings.optimizer!r}")
+        optimizer = build_optimizer(
+            settings.optimizer,
+            params,
+            lr=settings.lr,
+            momentum=settings.momentum,
+            weight_decay=settings.weight_decay,
+        )
         total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
         steps_per_epoch = max(total_steps // max(self.trainer.max_epochs or 1, 1), 1)
-        warmup = min(settings.warmup_steps, total_steps - 1) if total_steps > 1 else 0
-        milestones = [m * steps_per_epoch for m in (settings.milestones or [])]
-
-        def factor(step: int) -> float:
-            scale = 1.0
-            if warmup and step < warmup:
-                scale = (step + 1) / warmup
-            if settings.scheduler == "cosine":
-                progress = min(max(step - warmup, 0) / max(total_steps - warmup, 1), 1.0)
-                scale *= 0.5 * (1.0 + math.cos(math.pi * progress))
-            elif settings.scheduler == "step":
-                scale *= settings.gamma ** sum(step >= m for m in milestones)
-            return scale
-
+        factor = lr_factor(
+            settings.scheduler,
+            total_steps=total_steps,
+            warmup=min(settings.warmup_steps, total_steps - 1) if total_steps > 1 else 0,
+            milestones=[m * steps_per_epoch for m in (settings.milestones or [])],
+            gamma=settings.gamma,
+        )
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
@@ -258,6 +245,5 @@ def _to_lists(value: Any) -> Any:
 
 
 def final_metrics(module: DetectionModule) -> dict[str, float | None]:
-    """The last validation metrics under the pinned keys; NaN becomes ``None`` (JSON null)."""
-    values = {key: float(module.last_metrics.get(key, math.nan)) for key in METRIC_KEYS}
-    return {key: None if math.isnan(value) else value for key, value in values.items()}
+    """The last validation metrics under the pinned keys; ``None`` (JSON null) where undefined."""
+    return finite_or_none({key: module.last_metrics.get(key) for key in METRIC_KEYS})

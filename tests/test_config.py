@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 
 import pytest
@@ -31,15 +30,23 @@ def test_defaults_and_run_name() -> None:
 
 
 def test_model_section_mirrors_build_model() -> None:
+    """Every model key build_model takes is a config key with build_model's default, and
+    build_model takes every config key (the resolved section builds the default model)."""
+    import torch
+
     from coorddet.models import build_model
 
-    keyword_only = {
-        name
-        for name, p in inspect.signature(build_model).parameters.items()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY
-    }
-    assert set(model_defaults()) == keyword_only
-    assert set(build_config({}).model) == keyword_only
+    defaults = model_defaults()
+    assert set(build_config({}).model) == set(defaults)
+    assert {"detector", "backbone", "coordconv_sites", "roi_pool", "anchor_layout"} <= set(defaults)
+    torch.manual_seed(0)
+    from_config = build_model(**build_config({}).model).state_dict()
+    torch.manual_seed(0)
+    plain = build_model().state_dict()
+    assert from_config.keys() == plain.keys()
+    assert all(torch.equal(from_config[key], plain[key]) for key in plain)
+    with pytest.raises(TypeError, match="roi_pol"):
+        build_model(roi_pol="align")
 
 
 def test_overrides_beat_the_file() -> None:

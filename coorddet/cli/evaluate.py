@@ -86,7 +86,7 @@ def evaluate_command(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     # Neither imports torch at the top: evaluate checks the arguments, data, checkpoints and
     # report folder first, so a mistake is one line in a fraction of a second.
-    from coorddet.evaluation import PLOTS, evaluate
+    from coorddet.evaluation import evaluate
 
     result = evaluate(
         data=args.data,
@@ -106,6 +106,7 @@ def evaluate_command(argv: Sequence[str] | None = None) -> int:
         overwrite=args.overwrite,
         quiet=args.quiet,
     )
+    from coorddet.evaluation.write import PLOTS
     from coorddet.report import group_table, metrics_table
 
     lines = metrics_table(result.metrics, result.baseline, result.compared)
@@ -120,6 +121,9 @@ def evaluate_command(argv: Sequence[str] | None = None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from coorddet.system import configure_process
+
+    configure_process()  # memory and threads, before the command imports torch
     return report_errors(evaluate_command, argv)
 
 

@@ -1,0 +1,133 @@
+"""Faster R-CNN and its first stage alone (``rpn-only``), composed from torchvision's parts.
+
+Both are torchvision ``GeneralizedRCNN`` models (the class ``FasterRCNN`` is), assembled from
+parts as ``FasterRCNN`` does, but handed over directly: torchvision's ``FasterRCNN``
+constructor builds its own transform, RPN and RoI heads and accepts only a
+``MultiScaleRoIAlign`` pooler, and each part here differs from its default:
+
+- the transform is :class:`coorddet.detectors.parts.GrayscaleTransform` (gray or colour
+  images into the backbone's channels);
+- the RPN and RoI heads are :mod:`coorddet.inference`'s batched subclasses (the same outputs);
+- the pooler is :class:`coorddet.poolers.MatmulRoIAlign` or ``SingleMapRoIPool``.
+
+Settings that ``FasterRCNN`` would have set by default (IoU thresholds, sampler fractions,
+NMS) take its default values, named in :data:`FASTER_RCNN_DEFAULTS`. Parts are built in the
+order backbone, RPN head, box head, predictor, so that a seed gives the weights it gave when
+they went through torchvision's ``FasterRCNN`` constructor.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+from torchvision.models.detection.rpn import RPNHead
+from torchvision.ops import MultiScaleRoIAlign
+
+from coorddet.detectors import parts
+from coorddet.detectors.options import (
+    AnchorOptions,
+    BoxHeadOptions,
+    ImageOptions,
+    ProposalOptions,
+)
+from coorddet.inference import BatchedRegionProposalNetwork, BatchedRoIHeads
+from coorddet.poolers import ChannelsLastTwoMLPHead, MatmulRoIAlign, SingleMapRoIPool
+from coorddet.released import NoRoIHeads
+
+# torchvision's FasterRCNN constructor defaults for the settings build_model does not expose.
+FASTER_RCNN_DEFAULTS = {
+    "rpn": {"fg_iou_thresh": 0.7, "bg_iou_thresh": 0.3, "positive_fraction": 0.5,
+            "nms_thresh": 0.7, "score_thresh": 0.0},
+    "roi_heads": {"fg_iou_thresh": 0.5, "bg_iou_thresh": 0.5, "positive_fraction": 0.25,
+                  "bbox_reg_weights": None, "nms_thresh": 0.5},
+}  # fmt: skip
+
+
+def faster_rcnn(
+    *,
+    image: ImageOptions,
+    anchors: AnchorOptions,
+    proposals: ProposalOptions,
+    box_head: BoxHeadOptions,
+    num_classes: int,
+) -> GeneralizedRCNN:
+    """torchvision's Faster R-CNN: backbone, RPN, RoI pooler, ``TwoMLPHead``, predictor."""
+    if box_head.roi_pool == "pool" and image.spec.feature_maps != 1:
+        raise ValueError(
+            f"roi_pool='pool' is not valid for backbone={image.backbone!r}; use 'align'"
+        )
+    generator = _anchor_generator(image, anchors)
+    body = parts.backbone(image)
+    rpn = _rpn(body, generator, proposals)
+    heads = _roi_heads(body, image, box_head, num_classes)
+    return GeneralizedRCNN(body, rpn, heads, parts.transform(image))
+
+
+def rpn_only(
+    *, image: ImageOptions, anchors: AnchorOptions, proposals: ProposalOptions
+) -> GeneralizedRCNN:
+    """torchvision's RPN alone: trained on the RPN's losses, scored by ``rpn_iou``; its RoI
+    head slot is :class:`coorddet.released.NoRoIHeads` (no detections)."""
+    generator = _anchor_generator(image, anchors)
+    body = parts.backbone(image)
+    return GeneralizedRCNN(
+        body, _rpn(body, generator, proposals), NoRoIHeads(), parts.transform(image)
+    )
+
+
+def _anchor_generator(image: ImageOptions, anchors: AnchorOptions) -> AnchorGenerator:
+    if image.backbone_padding == "valid":
+        raise ValueError(
+            "backbone_padding='valid' needs rpn='released' (torchvision's anchors assume "
+            "'same' padding)"
+        )
+    return anchors.generator(image)
+
+
+def _rpn(
+    body: nn.Module, anchors: AnchorGenerator, options: ProposalOptions
+) -> BatchedRegionProposalNetwork:
+    """torchvision's RPN (``RPNHead``, its sampler and losses) with batched post-processing."""
+    return BatchedRegionProposalNetwork(
+        anchors,
+        RPNHead(body.out_channels, anchors.num_anchors_per_location()[0]),
+        batch_size_per_image=options.rpn_batch_size_per_image,
+        pre_nms_top_n={
+            "training": options.rpn_pre_nms_top_n_train,
+            "testing": options.rpn_pre_nms_top_n_test,
+        },
+        post_nms_top_n={
+            "training": options.rpn_post_nms_top_n_train,
+            "testing": options.rpn_post_nms_top_n_test,
+        },
+        **FASTER_RCNN_DEFAULTS["rpn"],
+    )
+
+
+def _roi_heads(
+    body: nn.Module, image: ImageOptions, options: BoxHeadOptions, num_classes: int
+) -> BatchedRoIHeads:
+    """RoI pooler (``MatmulRoIAlign`` on single-map backbones, torchvision's
+    ``MultiScaleRoIAlign`` on FPNs or with ``align-torchvision``, ``RoIPool`` with ``pool``),
+    ``TwoMLPHead``, predictor, batched NMS."""
+    roi_maps = list(image.spec.roi_maps)
+    size, ratio = options.roi_output_size, options.sampling_ratio
+    pooler: nn.Module
+    if options.roi_pool == "pool":
+        pooler = SingleMapRoIPool(roi_maps[0], size)
+    elif options.roi_pool == "align" and image.spec.feature_maps == 1:
+        pooler = MatmulRoIAlign(roi_maps, size, ratio)
+    else:
+        pooler = MultiScaleRoIAlign(roi_maps, size, ratio)
+    width = options.box_head_width
+    return BatchedRoIHeads(
+        pooler,
+        ChannelsLastTwoMLPHead(body.out_channels * size**2, width),
+        FastRCNNPredictor(width, num_classes),
+        batch_size_per_image=options.box_batch_size_per_image,
+        score_thresh=options.box_score_thresh,
+        detections_per_img=options.box_detections_per_img,
+        **FASTER_RCNN_DEFAULTS["roi_heads"],
+    )
