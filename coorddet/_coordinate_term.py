@@ -11,8 +11,8 @@ coord_weight], 1))``, is done here in the cheaper form that gives the same sum:
   same extent, the usual case) or a grid per image;
 - :func:`add_shared_term` adds a (1, C, H, W) coordinate term to the (N, C, H, W) output of
   the input's convolution in place, and backpropagates through a flat batch sum
-  (:func:`batch_sum`), because torch's dim-0 reduction of a channels_last tensor measured
-  ~25x slower.
+  (:func:`batch_sum`), because torch's dim-0 reduction of a channels_last tensor is much
+  slower (docs/speed.md).
 
 This module must stay TorchScript-compatible: no ``from __future__ import annotations``.
 """

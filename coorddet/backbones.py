@@ -78,8 +78,8 @@ class MnistSmallBackbone(nn.Module):
     The paper's order is conv -> ReLU -> max-pool; max-pooling first gives the same numbers,
     forward and backward, bit for bit (ReLU is monotone, so the maximum of the rectified
     window is the rectified maximum, picked at the same place, and a window whose maximum is
-    not positive passes no gradient either way; tested), with ReLU on a quarter of the values:
-    a 16-canvas backbone forward and backward took 31.4 ms instead of 36.1 here.
+    not positive passes no gradient either way; tested), with ReLU on a quarter of the values
+    (faster: docs/speed.md).
     """
 
     def __init__(

@@ -74,8 +74,7 @@ class CoordConv2d(nn.Conv2d):
 
     ``conv2d(cat([x, coords]), cat([weight, coord_weight], 1)) + bias`` is computed as the
     input's convolution plus a coordinate term, computed once for a batch whose images share
-    an extent: on ``mnist-small``'s stem, +1.2 ms per batch-16 step over the plain conv, where
-    convolving the concatenation cost +2.5 ms.
+    an extent: about half the cost of convolving the concatenation (docs/speed.md).
 
     :attr:`image_extent`: (N, 2) float64 CPU tensor, each image's real (height, width) as a
     fraction of the padded batch tensor; empty (the whole map) unless

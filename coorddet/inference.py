@@ -10,7 +10,7 @@ torchvision release changes what is copied or reused here):
   ``GeneralizedRCNN.forward`` step by step and runs a shallow copy of the RPN with other
   ``_pre_nms_top_n``/``_post_nms_top_n``; proposals are rescaled with ``resize_boxes`` from
   torchvision's (unexported) ``transform`` module. The evaluation's predict stage
-  (:mod:`coorddet.evaluation.predict`) calls it.
+  (:mod:`coorddet.evaluation.prediction`) calls it.
 - :class:`BatchedRegionProposalNetwork` and :class:`BatchedRoIHeads`: torchvision's proposal
   filtering, detection post-processing and (in training) matching of anchors and proposals to
   the ground truth with the per-image steps batched (torchvision clips, thresholds, drops

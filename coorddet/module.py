@@ -17,8 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from coorddet.checkpoint import CHECKPOINT_KEY
-from coorddet.evaluation.predict import predict_batch
-from coorddet.evaluation.score import score
+from coorddet.evaluation.prediction import predict_batch
+from coorddet.evaluation.scoring import score
 from coorddet.metrics import METRIC_KEYS, finite_or_none
 from coorddet.models import is_rpn_only
 from coorddet.optim import build_optimizer, lr_factor
@@ -82,8 +82,8 @@ class DetectionModule(L.LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._batch_started = time.perf_counter()
         # Step values are logged only where they are used: every step for a live progress bar,
-        # else on the steps the loggers write (every log_every_n_steps, as Lightning decides).
-        # Each self.log call cost ~1.5 ms on CPU, ~5% of a mnist-small step.
+        # else on the steps the loggers write (every log_every_n_steps, as Lightning decides):
+        # each self.log call is a measurable part of a mnist-small step on CPU.
         trainer = self.trainer
         every = trainer.log_every_n_steps
         self._log_step = trainer.progress_bar_callback is not None or (
@@ -125,7 +125,7 @@ class DetectionModule(L.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         # The epoch's mean loss (this rank's steps) in one log call: a per-step on_epoch log
-        # would cost ~1.5 ms a step.
+        # would cost a log call every step.
         if self._epoch_steps:
             mean = self._epoch_loss / self._epoch_steps
             self.log("train_loss_epoch", mean, on_step=False, on_epoch=True, sync_dist=True)

@@ -9,7 +9,7 @@ over rows times one over columns. So for the K RoIs of one image, with (K, P, H)
 ``out[k, c, i, j] = sum_{y, x} A[k, i, y] * B[k, j, x] * feature[c, y, x]``: two dense matrix
 products whose backward are matrix products too, multi-threaded by BLAS.
 :func:`roi_align_matmul` gives torchvision's ``roi_align(..., aligned=False)`` up to float
-rounding, forward and backward, about 6x faster for a training step's RoIs on a 2-core CPU.
+rounding, forward and backward, several times faster on CPU (docs/speed.md).
 Its output stays in the products' (P, P, C) layout per RoI (channels_last), which
 :class:`ChannelsLastTwoMLPHead` reads without transposing it.
 
@@ -97,8 +97,8 @@ def roi_align_matmul(
     columns = _axis_weights(all_boxes[:, 0], all_boxes[:, 2], W, P, sampling_ratio, spatial_scale)
     maps = features.permute(0, 2, 3, 1).reshape(N, H, W * C)  # (N, H, W*C)
     if torch.is_grad_enabled() and features.requires_grad:
-        # Training: one product for the whole batch keeps autograd to a few nodes (~3x faster
-        # for a 16-image step than a loop). Images with fewer RoIs are padded with all-zero
+        # Training: one product for the whole batch keeps autograd to a few nodes (faster
+        # than a loop). Images with fewer RoIs are padded with all-zero
         # weights (training samples the same number per image, so rarely).
         K = max(counts)
         padded = total < N * K
@@ -115,8 +115,8 @@ def roi_align_matmul(
             pooled = pooled[slots]
     else:
         # Inference: image by image, so each image's (K, P, W, C) intermediate stays in cache
-        # (for 64 images of 100 RoIs, 1.6x faster than one product over the batch), each
-        # written straight into the output (concatenating 80 MB cost a sixth of the batch's time).
+        # (faster than one product over the batch), each written straight into the output
+        # (concatenating the pieces would cost a large part of the batch's time).
         pooled = features.new_empty((total, P, P, C))
         start = 0
         for image in range(N):

@@ -337,3 +337,33 @@ def test_min_and_max_size_are_torchvision_s():
     images, _ = model.transform([torch.rand(1, 100, 60)])
     assert images.image_sizes == [(80, 48)]  # short side 48, long side 80 (<= max_size)
     assert build_model().transform.min_size == (64,)  # canvas_size
+
+
+def test_detectors_are_registered_builders():
+    from coorddet.detectors import rpn_only
+    from coorddet.models import list_detectors, register_detector
+
+    assert list_detectors()[:2] == ["faster-rcnn", "rpn-only"]
+
+    def tiny_rpn(*, image, anchors, proposals):  # a user's own detector: one short builder
+        return rpn_only(image=image, anchors=anchors, proposals=proposals)
+
+    register_detector("tiny-rpn", tiny_rpn)
+    try:
+        assert "tiny-rpn" in list_detectors()
+        torch.manual_seed(0)
+        mine = build_model(detector="tiny-rpn", coordconv=True)
+        torch.manual_seed(0)
+        theirs = build_model(detector="rpn-only", coordconv=True)
+        assert mine.state_dict().keys() == theirs.state_dict().keys()
+        with pytest.raises(ValueError, match="unknown arguments"):
+            register_detector("bad", lambda *, backbone: None)
+    finally:
+        from coorddet import models
+
+        models._BUILDERS.pop(("tiny-rpn", "torchvision"), None)
+
+
+def test_unknown_model_keyword_is_a_type_error():
+    with pytest.raises(TypeError, match="roi_pol"):
+        build_model(roi_pol="align")

@@ -106,7 +106,7 @@ def evaluate_command(argv: Sequence[str] | None = None) -> int:
         overwrite=args.overwrite,
         quiet=args.quiet,
     )
-    from coorddet.evaluation.write import PLOTS
+    from coorddet.evaluation.reporting import PLOTS
     from coorddet.report import group_table, metrics_table
 
     lines = metrics_table(result.metrics, result.baseline, result.compared)

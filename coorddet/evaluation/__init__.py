@@ -1,10 +1,10 @@
 """Evaluation in three stages, shared by ``coorddet.evaluate`` and validation during training:
 
-1. **predict** (:mod:`coorddet.evaluation.predict`): a model and a dataset or a list of
+1. **predict** (:mod:`coorddet.evaluation.prediction`): a model and a dataset or a list of
    images -> per-image predictions (detections; RPN proposals where the detector has them);
-2. **score** (:mod:`coorddet.evaluation.score`): predictions and COCO ground truth ->
+2. **score** (:mod:`coorddet.evaluation.scoring`): predictions and COCO ground truth ->
    metrics, pure;
-3. **write** (:mod:`coorddet.evaluation.write`): metrics and predictions -> the report folder.
+3. **write** (:mod:`coorddet.evaluation.reporting`): metrics and predictions -> the report folder.
 
 :func:`evaluate` (:mod:`coorddet.evaluation.pipeline`) runs all three for checkpoints and
 outside detections; it is what ``python -m coorddet.evaluate`` (the command line,
@@ -21,13 +21,13 @@ _EXPORTS = {
     "evaluate": "coorddet.evaluation.pipeline",
     "EvaluationResult": "coorddet.evaluation.pipeline",
     "PRECISIONS": "coorddet.evaluation.pipeline",
-    "predict": "coorddet.evaluation.predict",
-    "predict_batch": "coorddet.evaluation.predict",
-    "score": "coorddet.evaluation.score",
-    "score_runs": "coorddet.evaluation.score",
-    "Comparison": "coorddet.evaluation.write",
-    "write_report": "coorddet.evaluation.write",
-    "PLOTS": "coorddet.evaluation.write",
+    "predict": "coorddet.evaluation.prediction",
+    "predict_batch": "coorddet.evaluation.prediction",
+    "score": "coorddet.evaluation.scoring",
+    "score_runs": "coorddet.evaluation.scoring",
+    "Comparison": "coorddet.evaluation.reporting",
+    "write_report": "coorddet.evaluation.reporting",
+    "PLOTS": "coorddet.evaluation.reporting",
 }
 __all__ = list(_EXPORTS)
 

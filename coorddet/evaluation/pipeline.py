@@ -102,7 +102,7 @@ def evaluate(
         require_dataset(data, [split], flag="--data")
 
         from coorddet.checkpoint import load_checkpoint
-        from coorddet.evaluation.predict import resolve_device
+        from coorddet.evaluation.prediction import resolve_device
 
         torch_device = resolve_device(device)
         loaded = [load_checkpoint(path, trust=trust_checkpoint) for path in checkpoints]
@@ -128,7 +128,7 @@ def evaluate(
                      "quiet": quiet}  # fmt: skip
         comparison = _compare(loaded, outside_runs, dataset, inference, settings, group=group)
 
-        from coorddet.evaluation.write import write_report
+        from coorddet.evaluation.reporting import write_report
 
         write_report(out, comparison, dataset)
         return EvaluationResult(
@@ -151,9 +151,9 @@ def _compare(
     group: bool,
 ) -> Any:
     """Predict with every checkpoint, add the outside runs, score them all: a Comparison."""
-    from coorddet.evaluation.predict import predict
-    from coorddet.evaluation.score import score_runs
-    from coorddet.evaluation.write import Comparison
+    from coorddet.evaluation.prediction import predict
+    from coorddet.evaluation.reporting import Comparison
+    from coorddet.evaluation.scoring import score_runs
     from coorddet.models import is_rpn_only
     from coorddet.predictions import with_category_ids
     from coorddet.report import aggregate_groups

@@ -78,6 +78,10 @@ class _Images(Dataset):
         return self.images[index], {"image_id": torch.tensor(self.image_ids[index])}
 
 
+def _pairs(batch: list[tuple[Tensor, dict[str, Tensor]]]) -> tuple[list, list]:
+    return [image for image, _ in batch], [target for _, target in batch]
+
+
 def predict(
     model: nn.Module,
     images: Dataset | Sequence[Tensor],
@@ -105,13 +109,12 @@ def predict(
         proposals, rpn_top_k, rpn_nms_iou: see :func:`predict_batch`.
         label, quiet: the progress bar's and timing line's name; ``quiet``: neither.
     """
+    collate = collate_detection
     if not isinstance(images, Dataset):
         ids = list(range(len(images))) if image_ids is None else list(image_ids)
-        images = _Images(images, ids)
+        images, collate = _Images(images, ids), _pairs
     device = torch.device(device)
-    loader = DataLoader(
-        images, batch_size=batch_size, collate_fn=collate_detection, num_workers=num_workers
-    )
+    loader = DataLoader(images, batch_size=batch_size, collate_fn=collate, num_workers=num_workers)
     model.to(device)
     records: list[ImagePrediction] = []
     governor = ThreadGovernor(active=None if device.type == "cpu" else False)
