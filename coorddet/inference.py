@@ -24,9 +24,10 @@ torchvision release changes what is copied or reused here):
 This module must stay TorchScript-compatible: no ``from __future__ import annotations``.
 """
 
+import contextlib
 import copy
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -115,6 +116,20 @@ class _Replay(torch.nn.Module):
         return self.output
 
 
+@contextlib.contextmanager
+def evaluating(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``model`` in eval mode and without gradients for the block; each module's training
+    mode is restored afterwards."""
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
 def predict_with_proposals(
     model: GeneralizedRCNN,
     images: list[Tensor],
@@ -132,45 +147,33 @@ def predict_with_proposals(
     """
     if len(image_ids) != len(images):
         raise ValueError(f"{len(images)} images but {len(image_ids)} image_ids")
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad():
-            original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
-            image_list, _ = model.transform(images)
-            features = model.backbone(image_list.tensors)
-            if isinstance(features, Tensor):
-                features = OrderedDict([("0", features)])
-            outputs: dict[str, Any] = {}
-            hooks = [
-                getattr(model.rpn, name).register_forward_hook(
-                    lambda module, args, output, name=name: outputs.__setitem__(name, output)
-                )
-                for name in ("head", "anchor_generator")
-            ]
-            try:
-                proposals, _ = model.rpn(image_list, features)
-            finally:
-                for hook in hooks:
-                    hook.remove()
-            detections, _ = model.roi_heads(features, proposals, image_list.image_sizes)
-            sizes = image_list.image_sizes
-            detections = model.transform.postprocess(detections, sizes, original_sizes)
-            paper = paper_proposals(
-                model, image_list, features, top_k=top_k, nms_iou=nms_iou,
-                rpn_outputs={"head": outputs["head"], "anchors": outputs["anchor_generator"]},
-            )  # fmt: skip
-    finally:
-        for module, training in modes.items():
-            module.training = training
+    with evaluating(model):
+        original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+        image_list, _ = model.transform(images)
+        features = model.backbone(image_list.tensors)
+        if isinstance(features, Tensor):
+            features = OrderedDict([("0", features)])
+        outputs: dict[str, Any] = {}
+        hooks = [
+            getattr(model.rpn, name).register_forward_hook(
+                lambda module, args, output, name=name: outputs.__setitem__(name, output)
+            )
+            for name in ("head", "anchor_generator")
+        ]
+        try:
+            proposals, _ = model.rpn(image_list, features)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        detections, _ = model.roi_heads(features, proposals, image_list.image_sizes)
+        sizes = image_list.image_sizes
+        detections = model.transform.postprocess(detections, sizes, original_sizes)
+        paper = paper_proposals(
+            model, image_list, features, top_k=top_k, nms_iou=nms_iou,
+            rpn_outputs={"head": outputs["head"], "anchors": outputs["anchor_generator"]},
+        )  # fmt: skip
     return [
-        ImagePrediction(
-            image_id=int(image_id),
-            boxes=det["boxes"].float().cpu(),
-            scores=det["scores"].float().cpu(),
-            labels=det["labels"].long().cpu(),
-            proposals=resize_boxes(props.float(), size, original).cpu(),
-        )
+        ImagePrediction.from_detections(image_id, det, resize_boxes(props.float(), size, original))
         for image_id, det, props, size, original in zip(
             image_ids, detections, paper, sizes, original_sizes, strict=True
         )

@@ -44,6 +44,20 @@ class ImagePrediction:
     proposals: Tensor | None = None
 
     @classmethod
+    def from_detections(
+        cls, image_id: Any, detections: dict[str, Tensor], proposals: Tensor | None = None
+    ) -> ImagePrediction:
+        """A record on the CPU from one image's torchvision detections (``boxes``, ``scores``,
+        ``labels``) and optional proposals, both in original image pixels."""
+        return cls(
+            image_id=int(image_id),
+            boxes=detections["boxes"].float().cpu(),
+            scores=detections["scores"].float().cpu(),
+            labels=detections["labels"].long().cpu(),
+            proposals=None if proposals is None else proposals.float().cpu(),
+        )
+
+    @classmethod
     def empty(cls, image_id: int) -> ImagePrediction:
         """No detections (and no proposals) for ``image_id``."""
         return cls(image_id, torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.int64))

@@ -60,6 +60,13 @@ def assert_one_line(result: subprocess.CompletedProcess, code: int, needles: tup
         assert needle in lines[0], (needle, lines[0])
 
 
+def coco_annotation(annotation_id: int, image_id: int, category_id: int, xywh) -> dict:
+    """One COCO box annotation (not crowd) with its area."""
+    x, y, w, h = xywh
+    return {"id": annotation_id, "image_id": image_id, "category_id": category_id,
+            "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0}  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """40 canvases of the default 64 px, 5-digit setup: 24 train, 8 val, 8 test."""
@@ -83,7 +90,7 @@ def smoke_runs(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: Path) -> 
     return out
 
 
-# --- the robustness summary: one line at the end of a run (issue 8) ----------------------------
+# --- the robustness summary: one line at the end of a run ----------------------------------------
 
 _robustness: dict[str, dict[str, int]] = {}
 

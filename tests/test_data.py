@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import coco_annotation
 from PIL import Image, ImageDraw
 
 from coorddet.data import CocoDataset, collate_detection
@@ -52,14 +53,7 @@ def write_split(root: Path, split: str, canvases: list[list[Box]], *, crowd_on: 
         for category_id, x, y, w, h in boxes:
             draw.rectangle([int(x), int(y), int(np.ceil(x + w)) - 1, int(np.ceil(y + h)) - 1], 255)
             annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": image_id,
-                    "category_id": category_id,
-                    "bbox": [x, y, w, h],
-                    "area": w * h,
-                    "iscrowd": 0,
-                }
+                coco_annotation(len(annotations) + 1, image_id, category_id, (x, y, w, h))
             )
         if index == crowd_on:
             bbox = [20, 20, 20, 20]

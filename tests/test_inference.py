@@ -149,26 +149,6 @@ def test_detector_outputs_and_losses_are_torchvision_s(backbone):
     }
 
 
-def test_settings_are_torchvision_s_faster_rcnn_defaults():
-    model = build_model(
-        rpn_pre_nms_top_n_test=77,
-        rpn_post_nms_top_n_train=33,
-        rpn_batch_size_per_image=64,
-        box_batch_size_per_image=48,
-        box_detections_per_img=7,
-        box_score_thresh=0.2,
-    )
-    rpn, heads = model.rpn, model.roi_heads
-    assert rpn._pre_nms_top_n["testing"] == 77 and rpn._post_nms_top_n["training"] == 33
-    assert rpn.fg_bg_sampler.batch_size_per_image == 64
-    assert (rpn.proposal_matcher.high_threshold, rpn.proposal_matcher.low_threshold) == (0.7, 0.3)
-    assert rpn.nms_thresh == 0.7 and rpn.min_size == 1e-3
-    assert heads.fg_bg_sampler.batch_size_per_image == 48
-    assert (heads.detections_per_img, heads.score_thresh, heads.nms_thresh) == (7, 0.2, 0.5)
-    assert heads.box_coder.weights == (10.0, 10.0, 5.0, 5.0)
-    assert heads.proposal_matcher.high_threshold == 0.5
-
-
 def test_any_torchvision_faster_rcnn_keeps_its_detections():
     """On torchvision's own builder, images of other sizes and aspect ratios in one batch."""
     torch.manual_seed(0)

@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from conftest import coco_annotation
 from pycocotools.coco import COCO
 from torch.testing import assert_close
 
@@ -44,14 +45,7 @@ def make_coco(images: dict[int, list[tuple[int, list[float]]]]) -> COCO:
     for image_id, boxes in images.items():
         for category_id, (x, y, w, h) in boxes:
             annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": image_id,
-                    "category_id": category_id,
-                    "bbox": [x, y, w, h],
-                    "area": w * h,
-                    "iscrowd": 0,
-                }
+                coco_annotation(len(annotations) + 1, image_id, category_id, (x, y, w, h))
             )
     coco = COCO()
     coco.dataset = {

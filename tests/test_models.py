@@ -252,11 +252,15 @@ def test_channels_last_model_computes_what_the_nchw_model_does(coordconv):
 
 
 def test_detector_options_reach_torchvision():
+    """Every option reaches its torchvision part; the others are FasterRCNN's defaults."""
     model = build_model(
         anchor_sizes=[16, 24],
         aspect_ratios=[1.0],
         rpn_pre_nms_top_n_train=111,
+        rpn_pre_nms_top_n_test=77,
+        rpn_post_nms_top_n_train=33,
         rpn_post_nms_top_n_test=22,
+        rpn_batch_size_per_image=64,
         box_batch_size_per_image=48,
         box_head_width=64,
         box_detections_per_img=7,
@@ -272,6 +276,14 @@ def test_detector_options_reach_torchvision():
     assert model.roi_heads.box_predictor.cls_score.in_features == 64
     assert model.roi_heads.detections_per_img == 7 and model.roi_heads.score_thresh == 0.2
     assert model.transform.image_mean == [0.5] and model.transform.image_std == [0.25]
+    rpn, heads = model.rpn, model.roi_heads
+    assert rpn._pre_nms_top_n["testing"] == 77 and rpn._post_nms_top_n["training"] == 33
+    assert rpn.fg_bg_sampler.batch_size_per_image == 64
+    assert (rpn.proposal_matcher.high_threshold, rpn.proposal_matcher.low_threshold) == (0.7, 0.3)
+    assert rpn.nms_thresh == 0.7 and rpn.min_size == 1e-3
+    assert (heads.detections_per_img, heads.score_thresh, heads.nms_thresh) == (7, 0.2, 0.5)
+    assert heads.box_coder.weights == (10.0, 10.0, 5.0, 5.0)
+    assert heads.proposal_matcher.high_threshold == 0.5
     fpn = build_model(backbone="mobilenet-v3-fpn", anchor_sizes=[[8, 16]] * 3)
     assert fpn.rpn.anchor_generator.sizes == ((8, 16),) * 3
 

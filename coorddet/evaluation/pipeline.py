@@ -84,13 +84,7 @@ def evaluate(
         trust_checkpoint: allow checkpoints that hold Python objects (can run code).
         quiet: no progress bar or timing lines.
     """
-    check_int("batch_size", batch_size, error=UserError)
-    if num_workers is not None:
-        check_int("num_workers", num_workers, 0, error=UserError)
-    check_choice("precision", precision, PRECISIONS, error=UserError)
-    check_int("rpn_top_k", rpn_top_k, error=UserError)
-    check_number("score_thresh", score_thresh, 0.0, 1.0, error=UserError)
-    check_number("rpn_nms_iou", rpn_nms_iou, 1e-9, 1.0, error=UserError)
+    _check_settings(batch_size, num_workers, precision, rpn_top_k, score_thresh, rpn_nms_iou)
     out, data = Path(out), Path(data)
     with hold_folder(out):
         paths = [path for _, path in predictions]
@@ -131,14 +125,26 @@ def evaluate(
         from coorddet.evaluation.reporting import write_report
 
         write_report(out, comparison, dataset)
-        return EvaluationResult(
-            out,
-            comparison.metrics,
-            comparison.baseline,
-            comparison.compared,
-            comparison.groups,
-            comparison.group_baseline,
-        )
+        return EvaluationResult(out, comparison.metrics, comparison.baseline,
+                                comparison.compared, comparison.groups,
+                                comparison.group_baseline)  # fmt: skip
+
+
+def _check_settings(
+    batch_size: int,
+    num_workers: int | None,
+    precision: str,
+    rpn_top_k: int,
+    score_thresh: float,
+    rpn_nms_iou: float,
+) -> None:
+    check_int("batch_size", batch_size, error=UserError)
+    if num_workers is not None:
+        check_int("num_workers", num_workers, 0, error=UserError)
+    check_choice("precision", precision, PRECISIONS, error=UserError)
+    check_int("rpn_top_k", rpn_top_k, error=UserError)
+    check_number("score_thresh", score_thresh, 0.0, 1.0, error=UserError)
+    check_number("rpn_nms_iou", rpn_nms_iou, 1e-9, 1.0, error=UserError)
 
 
 def _compare(

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from coorddet.data import collate_detection
-from coorddet.inference import has_proposals, predict_with_proposals
+from coorddet.inference import evaluating, has_proposals, predict_with_proposals
 from coorddet.predictions import ImagePrediction
 from coorddet.system import ThreadGovernor
 
@@ -46,21 +46,10 @@ def predict_batch(
         return predict_with_proposals(
             model, images, image_ids=image_ids, top_k=rpn_top_k, nms_iou=rpn_nms_iou
         )
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad():
-            detections = model(images)
-    finally:
-        for module, training in modes.items():
-            module.training = training
+    with evaluating(model):
+        detections = model(images)
     return [
-        ImagePrediction(
-            image_id=int(image_id),
-            boxes=det["boxes"].float().cpu(),
-            scores=det["scores"].float().cpu(),
-            labels=det["labels"].long().cpu(),
-        )
+        ImagePrediction.from_detections(image_id, det)
         for image_id, det in zip(image_ids, detections, strict=True)
     ]
 

@@ -8,6 +8,7 @@ validation during training both do.
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping, Sequence
+from typing import Any
 
 from pycocotools.coco import COCO
 
@@ -16,20 +17,13 @@ from coorddet.predictions import ImagePrediction
 
 
 def score(
-    coco: COCO,
-    records: Sequence[ImagePrediction],
-    *,
-    image_ids: Iterable[int] | None = None,
-    score_thresh: float = 0.5,
-    detections: bool = True,
+    coco: COCO, records: Sequence[ImagePrediction], **options: Any
 ) -> dict[str, float | None]:
-    """Every metric of :data:`coorddet.metrics.METRIC_KEYS` for one run's ``records`` over
-    ``image_ids`` (default: the records'); ``None`` where undefined. ``detections=False``
-    (a detector without detections, e.g. ``rpn-only``): ``rpn_iou`` alone."""
-    metrics = evaluate_records(
-        coco, records, image_ids=image_ids, score_thresh=score_thresh, detections=detections
-    )
-    return finite_or_none(metrics)
+    """Every metric of :data:`coorddet.metrics.METRIC_KEYS` for one run's ``records``, ``None``
+    where undefined. ``options``: :func:`coorddet.metrics.evaluate_records`' ``image_ids``
+    (default: the records'), ``score_thresh`` (0.5) and ``detections`` (``False`` for a
+    detector without detections, e.g. ``rpn-only``: ``rpn_iou`` alone)."""
+    return finite_or_none(evaluate_records(coco, records, **options))
 
 
 def score_runs(
