@@ -30,8 +30,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torchvision.models.detection.fcos import FCOS
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.retinanet import RetinaNet
+from torchvision.models.detection.ssd import SSD
 
 from coorddet.coordconv import CoordConv2d
 
@@ -62,6 +65,13 @@ def _forget_image_extent(
     extent.resize_(0, 2)
 
 
+def _forget_after_heads(module: nn.Module, inputs: tuple[ImageList, list[Tensor]]) -> None:
+    """Forward pre-hook on ``anchor_generator``, which a one-stage detector (RetinaNet, FCOS,
+    SSD) runs after its backbone and head."""
+    extent: Tensor = module.coordconv_image_extent
+    extent.resize_(0, 2)
+
+
 @dataclass(frozen=True)
 class SiteTable:
     """A detector family's sites, and where its per-image extent lives: set by a forward hook
@@ -83,20 +93,43 @@ GENERALIZED_RCNN = SiteTable(
         "rpn-head": Site(("rpn.head.conv",)),
         "rpn-box": Site(("rpn.head.bbox_pred",)),
         "roi-head": Site(("roi_heads.box_head",), image_aligned=False),
+        "mask-head": Site(("roi_heads.mask_head",), image_aligned=False),
     },
     extent_ends_at="roi_heads",  # after the backbone and the RPN
     forget_hook=_forget_image_extent,
 )
-"""Faster R-CNN and every other ``GeneralizedRCNN`` (coorddet's RPN-only detector too)."""
+"""Faster R-CNN, Mask R-CNN, Keypoint R-CNN, every other ``GeneralizedRCNN`` (coorddet's
+RPN-only detector too)."""
 
-FAMILIES: dict[type[nn.Module], SiteTable] = {GeneralizedRCNN: GENERALIZED_RCNN}
+ONE_STAGE = SiteTable(
+    sites={
+        "backbone-stem": Site(_BODY, first_only=True, exclude="backbone.fpn"),
+        "backbone": Site(_BODY, exclude="backbone.fpn"),
+        "fpn": Site(("backbone.fpn",)),
+        "head-cls": Site(("head.classification_head",)),
+        "head-box": Site(("head.regression_head",)),
+    },
+    extent_ends_at="anchor_generator",  # after the backbone and the head, on every level
+    forget_hook=_forget_after_heads,
+)
+"""RetinaNet, FCOS and SSD: a backbone (an FPN, or SSD's own maps) and one head run over
+every level, a classification tower and a regression tower (FCOS's centerness conv too)."""
+
+FAMILIES: dict[type[nn.Module], SiteTable] = {
+    GeneralizedRCNN: GENERALIZED_RCNN,
+    RetinaNet: ONE_STAGE,
+    FCOS: ONE_STAGE,
+    SSD: ONE_STAGE,
+}
 """Model class -> its site table; the first class a model is an instance of wins."""
 
 SITES = tuple(dict.fromkeys(site for table in FAMILIES.values() for site in table.sites))
 """Every site name of every family: ``backbone-stem`` (the backbone's first conv),
 ``backbone`` (every conv of the backbone body, not the FPN), ``fpn``, ``rpn-head`` (the RPN's
-shared conv), ``rpn-box`` (the RPN's box regressor) and ``roi-head`` (the box head's convs,
-RoI-relative; torchvision's ``TwoMLPHead`` has none)."""
+shared conv), ``rpn-box`` (the RPN's box regressor), ``roi-head`` (the box head's convs,
+RoI-relative; torchvision's ``TwoMLPHead`` has none), ``mask-head`` (Mask R-CNN's mask head,
+RoI-relative), ``head-cls`` (a one-stage detector's classification tower and logits conv) and
+``head-box`` (its regression tower and box conv, FCOS's centerness conv too)."""
 
 DEFAULT_SITES = ("backbone-stem", "rpn-head", "rpn-box")
 """The paper's placement for detection: at the input, in the RPN, before its box regressor."""
@@ -145,6 +178,11 @@ def site_modules(model: nn.Module, site: str) -> list[str]:
     return names[:1] if spec.first_only else names
 
 
+def model_sites(model: nn.Module) -> list[str]:
+    """The sites of ``model`` that hold at least one conv, in table order."""
+    return [site for site in site_table(model).sites if site_modules(model, site)]
+
+
 def _under(name: str, root: str) -> bool:
     return name == root or name.startswith(root + ".")
 
@@ -187,8 +225,10 @@ def inject_coordconv(
 ) -> list[str]:
     """Replace the ``nn.Conv2d`` modules at ``sites`` with ``CoordConv2d.from_conv`` copies.
 
-    Works on any model of a family in :data:`FAMILIES` (``mnist-small``,
-    ``fasterrcnn_resnet50_fpn``, ``fasterrcnn_mobilenet_v3_large_fpn``, ...). The model
+    Works on any model of a family in :data:`FAMILIES`: coorddet's detectors and
+    torchvision's (``fasterrcnn_*``, ``maskrcnn_*``, ``keypointrcnn_*``, ``retinanet_*``,
+    ``fcos_*``, ``ssd300_vgg16``, ``ssdlite320_*``). Grouped and depthwise convs take
+    CoordConv too: the coordinate channels are an ungrouped term added to the output. The model
     computes exactly what it did before until the zero-initialised coordinate weights are
     trained. Convs that already are ``CoordConv2d`` are left alone: injecting twice changes
     nothing.
@@ -214,7 +254,7 @@ def inject_coordconv(
             backbone = type(getattr(model, "backbone", model)).__name__
             raise ValueError(
                 f"CoordConv site {site!r} matches no conv in this {type(model).__name__} "
-                f"(backbone {backbone}); choose other sites"
+                f"(backbone {backbone}); its sites: {', '.join(model_sites(model))}"
             )
         chosen.update(dict.fromkeys(names, table.sites[site].image_aligned))
     modules = dict(model.named_modules())

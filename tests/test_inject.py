@@ -224,10 +224,3 @@ def test_checkpoint_keys_are_the_baseline_keys_plus_coord_weight():
     assert baseline_keys <= keys
     model.load_state_dict(model.state_dict())  # strict round trip
 
-
-def test_a_model_of_an_unknown_family_is_a_value_error_naming_it():
-    from torchvision.models.detection import ssdlite320_mobilenet_v3_large
-
-    model = ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=3)
-    with pytest.raises(ValueError, match="no CoordConv sites are known for SSD"):
-        inject_coordconv(model, ["backbone-stem"])
