@@ -25,9 +25,9 @@ demo: $(STAMP)
 	$(BIN)/python -m coorddet.evaluate --data $(DEMO_DATA) --split test --out $(DEMO_REPORT) --overwrite \
 		$(DEMO_RUNS)/baseline/checkpoints/best.ckpt $(DEMO_RUNS)/coordconv/checkpoints/best.ckpt
 
-# The paper reproduction (issue 9): 3 seeds x (baseline, CoordConv) on the uniform and quadrant
+# The paper reproduction: 3 seeds x (baseline, CoordConv) on the uniform and quadrant
 # splits plus the with_r ablation; about 1 h on 2 CPU cores. Writes results/paper_repro.{json,md}.
-# Then the released protocol and its ladder R0-R5 (issue 15): results/paper_protocol.{json,md},
+# Then the released protocol and its ladder R0-R5: results/paper_protocol.{json,md},
 # several hours on 2 CPU cores. Rerun to continue either after an interruption.
 paper: $(STAMP)
 	$(BIN)/python experiments/paper_repro.py
@@ -44,7 +44,7 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-# Speed on this machine (issue 7): prints a table and writes reports/bench.json; ~2 minutes
+# Speed on this machine (benchmarks/run.py): prints a table and writes reports/bench.json; ~2 minutes
 # (QUICK=1: under 1). Run it on an otherwise idle machine.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py $(if $(QUICK),--quick) --out reports/bench.json

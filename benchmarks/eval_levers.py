@@ -12,22 +12,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
+from pycocotools.coco import COCO
 
-import torch  # noqa: E402
-from pycocotools.coco import COCO  # noqa: E402
-
-from coorddet.checkpoint import load_checkpoint  # noqa: E402
-from coorddet.data import CocoDataset, collate_detection  # noqa: E402
-from coorddet.dataset_layout import annotation_file  # noqa: E402
-from coorddet.inference import predict_with_proposals  # noqa: E402
-from coorddet.metrics import evaluate_records  # noqa: E402
-from coorddet.system import configure_memory, configure_threads, fix_threads  # noqa: E402
+from coorddet.checkpoint import load_checkpoint
+from coorddet.data import CocoDataset, collate_detection
+from coorddet.dataset_layout import annotation_file
+from coorddet.inference import predict_with_proposals
+from coorddet.metrics import evaluate_records
+from coorddet.system import configure_memory, configure_threads, fix_threads
 
 KEYS = ("map", "mar_100", "rpn_iou", "det_iou", "gt_iou")
 

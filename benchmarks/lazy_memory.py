@@ -1,15 +1,16 @@
-"""Peak memory of ``train.py`` on a photo dataset too large to decode into memory (issue 17).
+"""Peak memory of ``train.py`` on a photo dataset too large to decode into memory (lazy
+decoding).
 
     python benchmarks/lazy_memory.py [--images 1000,2000,10000] [--size 640x480] [--out FILE.json]
 
 For each image count, writes that many RGB JPEGs (coloured boxes on a smooth background) with
 COCO annotations into a temporary folder (or ``--keep DIR``), then runs ``train.py`` on it
 (``mnist-small``, images not resized, batch 2, 2 DataLoader workers, 30 training and 5
-validation batches, ``data.decode: auto``; the validation split is 100 images for every count) while sampling every 0.2 s the proportional set
-size (PSS: shared pages counted once) of the training process and its workers, summed. It
-prints one row per count and with ``--out`` writes them as JSON. Decoded into memory, the
-10,000 images of 640x480 would take 9.2 GB; decoded lazily, the peak should not grow with the
-count.
+validation batches, ``data.decode: auto``; the validation split is 100 images for every count)
+while sampling every 0.2 s the proportional set size (PSS: shared pages counted once) of the
+training process and its workers, summed. It prints one row per count and with ``--out`` writes
+them as JSON. Decoded into memory, the 10,000 images of 640x480 would take 9.2 GB; decoded
+lazily, the peak should not grow with the count.
 """
 
 from __future__ import annotations
@@ -27,10 +28,9 @@ import numpy as np
 import yaml
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from coorddet.system import process_tree
 
-from coorddet.system import process_tree  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_photos(root: Path, count: int, width: int, height: int, seed: int = 0) -> None:

@@ -9,7 +9,7 @@ relative to the defaults measured in the same rounds.
 
     python benchmarks/model_speed.py                       # default options
     python benchmarks/model_speed.py --set box_head_width=128 --set roi_pool=pool
-    python benchmarks/model_speed.py --sweep               # the issue-7 model levers
+    python benchmarks/model_speed.py --sweep               # the model's speed levers
 """
 
 from __future__ import annotations

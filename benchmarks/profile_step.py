@@ -23,18 +23,15 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from coorddet.config import build_config  # noqa: E402
-from coorddet.data import CocoDataset, collate_detection  # noqa: E402
-from coorddet.datamodule import CocoDataModule  # noqa: E402
-from coorddet.inference import predict_with_proposals  # noqa: E402
-from coorddet.models import build_model  # noqa: E402
-from coorddet.system import configure_memory, configure_threads  # noqa: E402
-from data_gen import GeneratorConfig, generate  # noqa: E402
+from coorddet.config import build_config
+from coorddet.data import CocoDataset, collate_detection
+from coorddet.datamodule import CocoDataModule
+from coorddet.inference import predict_with_proposals
+from coorddet.models import build_model
+from coorddet.system import configure_memory, configure_threads
+from data_gen import GeneratorConfig, generate
 
 
 class Clock:

@@ -51,27 +51,24 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import lightning as L
+import torch
 
-import lightning as L  # noqa: E402
-import torch  # noqa: E402
-
-from coorddet.cli.trainer import build_trainer, quiet_lightning  # noqa: E402
-from coorddet.config import build_config  # noqa: E402
-from coorddet.data import CocoDataset, collate_detection  # noqa: E402
-from coorddet.datamodule import CocoDataModule  # noqa: E402
-from coorddet.fileio import write_json_atomic  # noqa: E402
-from coorddet.inference import predict_with_proposals  # noqa: E402
-from coorddet.models import build_model  # noqa: E402
-from coorddet.module import DetectionModule  # noqa: E402
-from coorddet.system import (  # noqa: E402
+from coorddet.cli.trainer import build_trainer, quiet_lightning
+from coorddet.config import build_config
+from coorddet.data import CocoDataset, collate_detection
+from coorddet.datamodule import CocoDataModule
+from coorddet.fileio import write_json_atomic
+from coorddet.inference import predict_with_proposals
+from coorddet.models import build_model
+from coorddet.module import DetectionModule
+from coorddet.system import (
     configure_memory,
     configure_threads,
     describe_machine,
     fix_threads,
 )
-from data_gen import GeneratorConfig, generate  # noqa: E402
+from data_gen import GeneratorConfig, generate
 
 BATCH = 16
 EVAL_BATCH = 64

@@ -204,6 +204,10 @@ def _build_model_section(values: Any) -> dict[str, Any]:
             resolved[key] = list(_check(f"model.{key}", value, list))
         else:  # through _check, so that `true` is not taken for an int
             resolved[key] = _check(f"model.{key}", value, type(default))
+    if "coordconv_sites" not in values:  # each detector has its own default placement
+        from coorddet.models import default_sites
+
+        resolved["coordconv_sites"] = list(default_sites(resolved["detector"]))
     # Plain data only: tuples become lists so config.yaml and checkpoints stay simple.
     return {k: list(v) if isinstance(v, tuple) else v for k, v in resolved.items()}
 

@@ -27,8 +27,11 @@ from coorddet.detectors import (
     OPTION_GROUPS,
     GrayscaleTransform,
     faster_rcnn,
+    fcos,
     released_rpn_only,
+    retinanet,
     rpn_only,
+    ssdlite,
 )
 from coorddet.inject import DEFAULT_SITES, check_sites, inject_coordconv
 from coorddet.released import NoRoIHeads
@@ -39,6 +42,7 @@ __all__ = [
     "GrayscaleTransform",
     "build_model",
     "default_image_sizes",
+    "default_sites",
     "is_rpn_only",
     "list_detectors",
     "model_defaults",
@@ -47,32 +51,55 @@ __all__ = [
 
 RPNS = ("torchvision", "released")
 
+ONE_STAGE_SITES = ("backbone-stem", "head-box")
+"""The paper's placement carried over to a one-stage detector: at the input, and in the head
+that regresses boxes."""
+
 _BUILDERS: dict[tuple[str, str], Callable[..., nn.Module]] = {}
+_DEFAULT_SITES: dict[str, tuple[str, ...]] = {}
 
 
-def register_detector(name: str, builder: Callable[..., nn.Module], *, rpn: str = "torchvision"):
+def register_detector(
+    name: str,
+    builder: Callable[..., nn.Module],
+    *,
+    rpn: str = "torchvision",
+    sites: Sequence[str] = DEFAULT_SITES,
+) -> Callable[..., nn.Module]:
     """Make ``builder`` the detector ``name`` (with the RPN ``rpn``) for :func:`build_model`.
 
     ``builder`` is keyword-only; it receives the option groups it names (``image``,
     ``anchors``, ``proposals``, ``box_head``, ``released``: :data:`OPTION_GROUPS`) and
-    ``num_classes`` if it names it, and returns the detector without CoordConv.
+    ``num_classes`` if it names it, and returns the detector without CoordConv. ``sites``:
+    where ``coordconv=True`` puts CoordConv unless ``coordconv_sites`` says otherwise.
     """
     check_choice("rpn", rpn, RPNS)
     unknown = set(inspect.signature(builder).parameters) - {*OPTION_GROUPS, "num_classes"}
     if unknown:
         raise ValueError(f"builder {builder.__name__} takes unknown arguments {sorted(unknown)}")
     _BUILDERS[(name, rpn)] = builder
+    _DEFAULT_SITES.setdefault(name, tuple(check_sites(sites)))
     return builder
 
 
 register_detector("faster-rcnn", faster_rcnn)
 register_detector("rpn-only", rpn_only)
 register_detector("rpn-only", released_rpn_only, rpn="released")
+register_detector("retinanet", retinanet, sites=ONE_STAGE_SITES)
+register_detector("fcos", fcos, sites=ONE_STAGE_SITES)
+register_detector("ssdlite", ssdlite, sites=ONE_STAGE_SITES)
 
 
 def list_detectors() -> list[str]:
     """The detector names :func:`build_model` knows, in registration order."""
     return list(dict.fromkeys(name for name, _ in _BUILDERS))
+
+
+def default_sites(detector: str) -> tuple[str, ...]:
+    """Where ``coordconv=True`` puts CoordConv in ``detector`` by default: the paper's
+    placement for the R-CNNs (:data:`DEFAULT_SITES`), the input and the box-regression head
+    for one-stage detectors (:data:`ONE_STAGE_SITES`). Unknown names: :data:`DEFAULT_SITES`."""
+    return _DEFAULT_SITES.get(detector, DEFAULT_SITES)
 
 
 def build_model(
@@ -81,7 +108,7 @@ def build_model(
     rpn: str = "torchvision",
     num_classes: int = 11,
     coordconv: bool = False,
-    coordconv_sites: Sequence[str] = DEFAULT_SITES,
+    coordconv_sites: Sequence[str] | None = None,
     with_r: bool = False,
     **options: Any,
 ) -> nn.Module:
@@ -95,7 +122,8 @@ def build_model(
             (:mod:`coorddet.detectors.released`; needs ``detector="rpn-only"``).
         num_classes: including the background (11 = 10 digits + background).
         coordconv, coordconv_sites, with_r: inject CoordConv at these sites
-            (:data:`coorddet.inject.SITES`) after building the baseline.
+            (:data:`coorddet.inject.SITES`; ``None``: :func:`default_sites`) after building
+            the baseline.
         options: the remaining ``model:`` config keys, sorted into
             :mod:`coorddet.detectors.options`' groups (which document them): the backbone and
             image sizes, anchors, RPN and box-head settings, the released anchor layout.
@@ -108,6 +136,8 @@ def build_model(
     groups = {name: _group(group, options) for name, group in OPTION_GROUPS.items()}
     if options:
         raise TypeError(f"build_model() got unexpected keyword arguments {sorted(options)}")
+    if coordconv_sites is None:
+        coordconv_sites = default_sites(detector)
     sites = check_sites(coordconv_sites)  # also when coordconv=False: no silent typos
     if coordconv and not sites:
         raise ValueError("coordconv_sites=[] is not valid with coordconv=True; name sites")
@@ -141,6 +171,7 @@ def model_defaults() -> dict[str, Any]:
     """Every ``model:`` config key (``build_model``'s keyword arguments) with its default."""
     parameters = inspect.signature(build_model).parameters.values()
     defaults = {p.name: p.default for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    defaults["coordconv_sites"] = DEFAULT_SITES  # the default detector's; see default_sites
     for group in OPTION_GROUPS.values():
         defaults.update({f.name: f.default for f in fields(group)})
     return defaults

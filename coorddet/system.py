@@ -48,8 +48,8 @@ def use_huge_pages() -> None:
     Sets PyTorch's ``THP_MEM_ALLOC_ENABLE=1``, which PyTorch reads once: call this before the
     first large tensor is allocated (after ``import torch`` is fine). Without it every tensor
     of 2 MB or more (an inference batch's RoI features are 80 MB) comes from fresh 4 kB pages
-    that the kernel faults in and zeroes one by one: allocating and filling 80 MB took 23 ms
-    instead of 4 ms here, and batch-64 inference ran 1.3x faster with it.
+    that the kernel faults in and zeroes one by one, which makes allocating and filling such
+    tensors, and so batched inference, measurably slower (docs/speed.md).
     ``THP_MEM_ALLOC_ENABLE=0`` in the environment keeps PyTorch's default; child processes
     (DDP workers) inherit the setting.
     """
@@ -101,7 +101,15 @@ def configure_memory() -> None:
     keep_freed_memory()
 
 
-# --- threads: a busy neighbour should cost its share of the cores, not 10-fold -------------
+def configure_process() -> None:
+    """What every coorddet command sets first, in its ``main``: memory
+    (:func:`configure_memory`), then torch's threads from the cores that are free
+    (:func:`configure_threads`, unless the user chose them)."""
+    configure_memory()
+    configure_threads()
+
+
+# --- threads: a busy neighbour should cost its share of the cores, not many times that ------
 
 USER_THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 CHOSEN = "COORDDET_THREADS"  # set beside OMP_NUM_THREADS when coorddet chose the count
@@ -176,16 +184,16 @@ def user_chose_threads() -> bool:
 def configure_threads(*, sample_seconds: float = 0.2) -> int | None:
     """Choose torch's thread count from the cores that are free now, unless the user chose.
 
-    torch starts one OpenMP thread per core, and those threads wait for each other at the end
-    of every parallel region. When another process holds a core, the thread that shares it
-    runs in time slices and every region waits for it: a 2-thread training step ran ~10x
-    slower beside one busy process here, while 1 thread lost only what the neighbour took.
-    So: measure for ``sample_seconds`` how many cores other processes keep busy, and set
-    ``OMP_NUM_THREADS`` to :func:`threads_for` that, with ``COORDDET_THREADS`` beside it, so
-    that child processes (DDP workers) inherit the choice and :func:`share_threads` and
-    :class:`ThreadGovernor` know it was coorddet's. Call it before torch is imported (the
-    command-line tools do, in :func:`coorddet.cli.report_errors`); with torch loaded it is
-    applied with ``torch.set_num_threads``.
+    torch starts one OpenMP thread per core, and those threads wait for each other at the end of
+    every parallel region. When another process holds a core, the thread that shares it runs in
+    time slices and every region waits for it: a training step with a thread per core slows down
+    many times over beside one busy process (docs/speed.md), while one thread fewer loses only
+    what the neighbour took. So: measure for ``sample_seconds`` how many cores other processes
+    keep busy, and set ``OMP_NUM_THREADS`` to :func:`threads_for` that, with
+    ``COORDDET_THREADS`` beside it, so that child processes (DDP workers) inherit the choice and
+    :func:`share_threads` and :class:`ThreadGovernor` know it was coorddet's. Call it before
+    torch is imported (the command-line tools do, in their ``main``: :func:`configure_process`);
+    with torch loaded it is applied with ``torch.set_num_threads``.
 
     Does nothing (returns None) when the user set ``OMP_NUM_THREADS`` or ``MKL_NUM_THREADS``,
     or off Linux. Returns the thread count chosen (or inherited from a coorddet parent).
@@ -235,7 +243,7 @@ class ThreadGovernor:
     """Re-checks, at most every ``every_seconds``, how many cores other processes keep busy,
     and sets torch's threads to :func:`threads_for` that: a neighbour that starts during a run
     takes a thread away, one that ends gives it back. Call :meth:`step` often (every training
-    step); it reads ``/proc`` only when the interval has passed (~0.1 ms).
+    step); it reads ``/proc`` only when the interval has passed, so a step costs almost nothing.
 
     Inactive (``step`` does nothing) unless :func:`configure_threads` chose the threads in
     this process tree, so a user's ``OMP_NUM_THREADS`` or ``torch.set_num_threads`` stays.

@@ -12,6 +12,8 @@ import argparse
 import signal
 import sys
 import threading
+from collections.abc import Callable
+from dataclasses import fields
 
 from data_gen.canvas import BOX_KINDS
 from data_gen.config import MAX_WORKERS, SOURCES, SPLIT_MODES, GeneratorConfig
@@ -49,13 +51,21 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every flag, in ``--help`` order: where digits come from and where the dataset goes, what
+    a canvas holds, how many canvases and how they are made."""
     parser = _Parser(
         prog="python -m data_gen",
         description=DESCRIPTION,
         formatter_class=_Formatter,
         allow_abbrev=False,
     )
-    add = parser.add_argument
+    _add_source_flags(parser.add_argument)
+    _add_canvas_flags(parser.add_argument)
+    _add_run_flags(parser.add_argument)
+    return parser
+
+
+def _add_source_flags(add: Callable[..., argparse.Action]) -> None:
     add("--out", default="data/mnist-det", metavar="DIR", help="output dataset directory")
     add(
         "--source",
@@ -76,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="fetch MNIST into --mnist-root with torchvision (needs internet)",
     )
+
+
+def _add_canvas_flags(add: Callable[..., argparse.Action]) -> None:
     add("--canvas-size", type=int, default=64, metavar="PX", help="side of the square canvas")
     add(
         "--digits-per-image",
@@ -127,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
         "the released CoordConv loader's: the unclipped rectangle each digit was pasted into "
         "(may lie partly or wholly outside the canvas), every digit kept (--min-visible unused)",
     )
+
+
+def _add_run_flags(add: Callable[..., argparse.Action]) -> None:
     add("--train", type=int, default=9000, metavar="N", help="train canvases")
     add("--val", type=int, default=1000, metavar="N", help="validation canvases")
     add("--test", type=int, default=1000, metavar="N", help="test canvases")
@@ -151,7 +167,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write OUT/preview.png: the first N train canvases with boxes and labels",
     )
     add("--quiet", action="store_true", help="no progress bar and no summary line")
-    return parser
 
 
 def _terminate(signum: int, frame: object) -> None:
@@ -164,27 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
-        config = GeneratorConfig(
-            out=args.out,
-            source=args.source,
-            mnist_root=args.mnist_root,
-            download=args.download,
-            canvas_size=args.canvas_size,
-            digits_per_image=args.digits_per_image,
-            digit_size=args.digit_size,
-            crop_from=args.crop_from,
-            max_iou=args.max_iou,
-            min_visible=args.min_visible,
-            split_mode=args.split_mode,
-            boxes=args.boxes,
-            train=args.train,
-            val=args.val,
-            test=args.test,
-            seed=args.seed,
-            workers=args.workers,
-            overwrite=args.overwrite,
-            preview=args.preview,
-        )
+        # every config field is the flag of the same name
+        config = GeneratorConfig(**{f.name: getattr(args, f.name) for f in fields(GeneratorConfig)})
         summary = generate(config, progress=not args.quiet and sys.stderr.isatty())
     except UserError as err:
         print(f"data_gen: error: {' '.join(str(err).split())}", file=sys.stderr)

@@ -32,7 +32,8 @@ import numpy as np
 from data_gen.errors import UserError
 
 SPLITS = ("train", "val", "test")
-# zlib run-length strategy: mostly-black canvases compress well and ~1.6x faster than level 1
+# zlib run-length strategy: mostly-black canvases compress well with it, and faster than with
+# plain level 1
 PNG_COMPRESS_LEVEL, PNG_STRATEGY = 1, zlib.Z_RLE
 
 
@@ -43,8 +44,8 @@ def image_file_name(index: int) -> str:
 def encode_png(image: np.ndarray) -> bytes:
     """(H, W) uint8 -> bytes of an 8-bit grayscale PNG (no metadata, so deterministic).
 
-    A direct encoder: PIL's PNG writer costs ~10x more per 64x64 canvas, which is most of
-    the generation budget. Filter type 0 on every row, one IDAT chunk.
+    A direct encoder: PIL's PNG writer costs many times more per small canvas, and writing
+    PNGs is most of the generation time. Filter type 0 on every row, one IDAT chunk.
     """
     height, width = image.shape
     rows = np.zeros((height, width + 1), dtype=np.uint8)  # leading 0 = filter "None"

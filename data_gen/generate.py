@@ -15,7 +15,7 @@ import multiprocessing
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -120,15 +120,8 @@ def _generate(config: GeneratorConfig, progress: bool, started: float) -> Genera
 
 def _render_state(config: GeneratorConfig, source: DigitSource) -> dict:
     quadrant = config.split_mode == "quadrant"
-    base = dict(
-        canvas_size=config.canvas_size,
-        digits_per_image=config.digits_per_image,
-        digit_size=config.digit_size,
-        crop_from=config.crop_from,
-        max_iou=config.max_iou,
-        min_visible=config.min_visible,
-        boxes=config.boxes,
-    )
+    # every canvas setting but the region is the config field of the same name
+    base = {f.name: getattr(config, f.name) for f in fields(CanvasSpec) if f.name != "region"}
     train_spec = CanvasSpec(**base, region=THREE_QUADRANTS if quadrant else ANYWHERE)
     test_spec = CanvasSpec(**base, region=HELDOUT_QUADRANT if quadrant else ANYWHERE)
     return {

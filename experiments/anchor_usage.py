@@ -1,4 +1,5 @@
-"""Which anchors a released-RPN checkpoint's rpn_iou proposals come from (issue 15).
+"""Which anchors a released-RPN checkpoint's rpn_iou proposals come from (the released
+protocol's anchor layout).
 
 For each checkpoint (``rpn: released`` models, e.g. the ladder's R0/R1 runs): over the first
 ``--images`` images of a split, the top-10 proposals after NMS at 0.8 (the ``rpn_iou``
@@ -15,18 +16,14 @@ from __future__ import annotations
 import argparse
 import sys
 from collections import Counter
-from pathlib import Path
 
 import torch
+from torchvision.models.detection.rpn import concat_box_prediction_layers
+from torchvision.ops import box_iou, nms
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from torchvision.models.detection.rpn import concat_box_prediction_layers  # noqa: E402
-from torchvision.ops import box_iou, nms  # noqa: E402
-
-from coorddet.checkpoint import load_checkpoint  # noqa: E402
-from coorddet.data import CocoDataset  # noqa: E402
-from coorddet.released import NMS_IOU, ReleasedRegionProposalNetwork  # noqa: E402
+from coorddet.checkpoint import load_checkpoint
+from coorddet.data import CocoDataset
+from coorddet.released import NMS_IOU, ReleasedRegionProposalNetwork
 
 
 def usage(model: torch.nn.Module, dataset: CocoDataset, images: int) -> dict:

@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
-import shlex
 import sys
 import threading
 import time
@@ -39,27 +37,27 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "experiments"))
-
-from study import (  # noqa: E402
+from study import (
+    ROOT,
     Log,
+    add_study_flags,
     check_call,
+    check_study_flags,
     duration,
-    ensure_dataset,
     git_commit,
     mean_ci,
+    paper_dataset,
     python_env,
     run_main,
+    study_command,
+    study_main,
+    study_parser,
     train_command,
 )
 
-from coorddet.fileio import write_json_atomic, write_text_atomic  # noqa: E402
-from coorddet.locking import hold_folder  # noqa: E402
-from coorddet.report import aggregate, format_number, format_percent, relative_change  # noqa: E402
-from coorddet.system import describe_machine  # noqa: E402
+from coorddet.fileio import write_json_atomic, write_text_atomic
+from coorddet.report import aggregate, format_number, format_percent, relative_change
+from coorddet.system import describe_machine
 
 RELEASED = "configs/paper_released.yaml"
 FASTER_RCNN = "configs/paper.yaml"
@@ -102,27 +100,16 @@ class Run:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python experiments/paper_protocol.py",
-        description=__doc__.split("\n\n")[0] + " Paths are relative to the repository root.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = study_parser("paper_protocol.py", __doc__)
     add = parser.add_argument
     add("--rungs", default=",".join(RUNGS), help="comma-separated: " + ", ".join(RUNGS))
     add("--seeds", default="0,1,2", help="training seeds of every rung but R0 (never drop one)")
     add("--r0-seeds", default="0,1,2,3,4", help="training seeds of R0")
     add("--epochs", type=int, default=5, help="epochs of R0-R4 (the released default)")
     add("--r5-epochs", type=int, default=12, help="epochs of R5 (paper.yaml's cosine schedule)")
-    add("--train", type=int, default=9000, help="train canvases per dataset")
-    add("--val", type=int, default=1000, help="val canvases per dataset")
-    add("--test", type=int, default=1000, help="test canvases per dataset (held-out digits)")
-    add("--data-root", default="data/paper_protocol", help="datasets: DATA_ROOT/<boxes>")
-    add("--runs", default="runs/paper_protocol", help="run directories, configs and logs")
-    add("--out", default="results", help="writes OUT/paper_protocol.json and .md")
-    add("--jobs", type=int, default=2, help="training runs at a time")
-    add("--threads", type=int, default=1, help="torch threads per training run")
-    add("--quick", action="store_true", help="a pipeline check on tiny data (not a result)")
-    add("--render", action="store_true", help="only rewrite OUT/paper_protocol.md from its JSON")
+    add_study_flags(parser, "paper_protocol",
+                    data_root=("data/paper_protocol", "datasets: DATA_ROOT/<boxes>"),
+                    runs=("runs/paper_protocol", "run directories, configs and logs"))  # fmt: skip
     args = parser.parse_args(argv)
     rungs = [r for r in args.rungs.split(",") if r]
     if not rungs or any(r not in RUNGS for r in rungs):
@@ -133,11 +120,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             setattr(args, name, sorted({int(s) for s in getattr(args, name).split(",")}))
         except ValueError:
             parser.error(f"--{name.replace('_', '-')}: give integers like 0,1,2")
-    for name in ("epochs", "r5_epochs", "train", "val", "test", "jobs", "threads"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.render and not (ROOT / args.out / "paper_protocol.json").is_file():
-        parser.error(f"--render: no {args.out}/paper_protocol.json to render")
+    check_study_flags(parser, args, "paper_protocol",
+                      ("epochs", "r5_epochs", "train", "val", "test", "jobs", "threads"))  # fmt: skip
     if args.quick:
         args.train, args.val, args.test, args.epochs, args.r5_epochs = 64, 16, 16, 1, 1
         args.seeds, args.r0_seeds = args.seeds[:1], args.r0_seeds[:1]
@@ -163,19 +147,6 @@ def plan(args: argparse.Namespace) -> list[Run]:
         return (0 if run.rung in ("R0", "R1") else 1), run.seed, run.rung
 
     return sorted(runs, key=queue)  # stable: baseline before coordconv
-
-
-def make_dataset(boxes: str, args: argparse.Namespace, log: Log) -> Path:
-    """``DATA_ROOT/<boxes>``: the paper's canvases (seed 0) with that kind of ground truth.
-
-    Both kinds come from the same seed, so they hold the same digits at the same places; only
-    the boxes differ (and a digit that keeps under 25% of its ink is erased for ``visible``).
-    """
-    wanted = {"boxes": boxes, "train": args.train, "val": args.val, "test": args.test}
-    flags = ["--boxes", boxes, "--train", str(args.train), "--val", str(args.val),
-             "--test", str(args.test), "--seed", "0"]  # fmt: skip
-    return ensure_dataset(Path(args.data_root) / boxes, flags, wanted,
-                          Path(args.runs) / f"data_{boxes}.log", log)  # fmt: skip
 
 
 def rung_config(rung: str, data: Path, args: argparse.Namespace) -> Path:
@@ -342,7 +313,25 @@ def render_markdown(results: dict[str, Any]) -> str:
         "",
         "| rung | value | baseline | CoordConv | change per seed |",
         "|---|---|---|---|---|",
+        *_validation_rows(results),
+        "",
+        "## Runs",
+        "",
+        "| run | test rpn_iou | val rpn_iou per epoch | train loss per epoch | test map | s |",
+        "|---|---|---|---|---|---|",
+        *_run_rows(results),
+        "",
+        "Rungs:",
+        "",
+        *(f"- {rung}: {spec.description}" for rung, spec in RUNGS.items()),
+        "",
     ]
+    return "\n".join(lines)
+
+
+def _validation_rows(results: dict[str, Any]) -> list[str]:
+    """Per rung: the final, best and mean validation rpn_iou and the last training loss."""
+    lines = []
     for rung in RUNGS:
         records = [r for r in results["runs"] if r["rung"] == rung]
         for key in (
@@ -364,13 +353,12 @@ def render_markdown(results: dict[str, Any]) -> str:
                 f"{_mean_ci(summary['arms']['baseline'])} | "
                 f"{_mean_ci(summary['arms']['coordconv'])} | {_change(summary['change'])} |"
             )
-    lines += [
-        "",
-        "## Runs",
-        "",
-        "| run | test rpn_iou | val rpn_iou per epoch | train loss per epoch | test map | s |",
-        "|---|---|---|---|---|---|",
-    ]
+    return lines
+
+
+def _run_rows(results: dict[str, Any]) -> list[str]:
+    """One row per run, then R5's per-epoch validation map."""
+    lines = []
     for record in sorted(results["runs"], key=lambda r: (r["rung"], r["seed"], r["arm"])):
         lines.append(
             f"| {record['rung']}/{record['arm']}-s{record['seed']} | "
@@ -382,14 +370,7 @@ def render_markdown(results: dict[str, Any]) -> str:
     if r5:
         lines += ["", "R5 validation map per epoch (baseline): " + "; ".join(
             f"s{r['seed']}: {_curve(r['val_map_per_epoch'])}" for r in r5)]  # fmt: skip
-    lines += [
-        "",
-        "Rungs:",
-        "",
-        *(f"- {rung}: {spec.description}" for rung, spec in RUNGS.items()),
-        "",
-    ]
-    return "\n".join(lines)
+    return lines
 
 
 class Results:
@@ -439,26 +420,21 @@ class Results:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    os.chdir(ROOT)
-    if args.render:
-        path = Path(args.out) / "paper_protocol.json"
-        write_text_atomic(path.with_suffix(".md"), render_markdown(json.loads(path.read_text())))
-        return 0
-    with hold_folder(args.runs, flag="--runs"):  # two ladders never train the same run folders
-        return run_ladder(args, argv)
+    return study_main(args, "paper_protocol", render_markdown, lambda: run_ladder(args, argv))
 
 
 def run_ladder(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     log = Log()
-    command = shlex.join(
-        ["python", "experiments/paper_protocol.py", *(argv if argv is not None else sys.argv[1:])]
-    )
+    command = study_command("paper_protocol.py", argv)
     runs = plan(args)
     results = Results(args, command, len(runs))
     todo = [run for run in runs if not results.done(run)]
     log(f"{command}: {len(runs) - len(todo)} of {len(runs)} runs done earlier; {len(todo)} to go")
+    # Both kinds of boxes come from the same seed, so they hold the same digits at the same
+    # places; only the boxes differ (and a digit keeping under 25% of its ink is erased for
+    # ``visible``).
     data = {
-        kind: make_dataset(kind, args, log)
+        kind: paper_dataset("boxes", kind, args, log)
         for kind in dict.fromkeys(RUNGS[r].boxes for r in args.rungs)
     }
     configs = {rung: rung_config(rung, data[RUNGS[rung].boxes], args) for rung in args.rungs}

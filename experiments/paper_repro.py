@@ -19,8 +19,9 @@ Studies: ``uniform`` (the paper's), ``quadrant`` (its generalization split, neve
 detection in the paper) and ``with_r`` (ablation: the radius channel, on the uniform data).
 Runs are shared where they coincide (``with_r`` reuses the uniform baseline and CoordConv runs).
 
-Training jobs run ``--jobs`` at a time with ``--threads`` torch threads each (on 2 cores, two
-1-thread jobs move ~25% more images per second than one 2-thread job). The script can be
+Training jobs run ``--jobs`` at a time with ``--threads`` torch threads each (on a small
+machine, one-thread jobs side by side move more images per second than one job with all the
+threads: they never wait for each other). The script can be
 stopped and rerun: finished runs are kept, unfinished ones continue with ``--resume last``.
 One study at a time uses a ``--runs`` folder (a second exits 2 naming the first); each
 ``train.py``, ``coorddet.evaluate`` and ``data_gen`` it starts holds its own output folder too.
@@ -30,8 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -40,23 +39,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from coorddet.fileio import write_json_atomic, write_text_atomic  # noqa: E402
-from coorddet.locking import hold_folder  # noqa: E402
-from coorddet.report import (  # noqa: E402
-    aggregate,
-    format_number,
-    format_percent,
-    relative_change,
+from study import (
+    ROOT,
+    Log,
+    add_study_flags,
+    check_study_flags,
+    git_commit,
+    mean_ci,
+    paper_dataset,
+    python_env,
+    run_main,
+    study_command,
+    study_main,
+    study_parser,
+    train_command,
 )
-from coorddet.system import describe_machine  # noqa: E402
+from study import check_call as _check
+from study import duration as _duration
 
-sys.path.insert(0, str(ROOT / "experiments"))
-from study import Log, ensure_dataset, git_commit, mean_ci, python_env, run_main, train_command  # noqa: E402
-from study import check_call as _check  # noqa: E402
-from study import duration as _duration  # noqa: E402
+from coorddet.fileio import write_json_atomic, write_text_atomic
+from coorddet.report import aggregate, format_number, format_percent, relative_change
+from coorddet.system import describe_machine
 
 # Arm name -> train.py flags. The CoordConv sites are configs/paper.yaml's (the paper's:
 # backbone-stem, rpn-head, rpn-box).
@@ -93,11 +96,7 @@ class Run:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python experiments/paper_repro.py",
-        description=__doc__.split("\n\n")[0] + " Paths are relative to the repository root.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = study_parser("paper_repro.py", __doc__)
     add = parser.add_argument
     add(
         "--studies",
@@ -107,31 +106,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--seeds", default="0,1,2", help="comma-separated training seeds (never drop one)")
     add("--epochs", type=int, default=4, help="epochs per run, the same for every arm")
     add("--config", default="configs/paper.yaml", help="train.py config for every run")
-    add("--train", type=int, default=9000, help="train canvases per dataset")
-    add("--val", type=int, default=1000, help="val canvases per dataset")
-    add("--test", type=int, default=1000, help="test canvases per dataset (held-out digits)")
-    add("--data-root", default="data/paper", help="datasets go to DATA_ROOT/<split mode>")
-    add("--runs", default="runs/paper", help="run directories and per-study reports")
-    add("--out", default="results", help="writes OUT/paper_repro.json and OUT/paper_repro.md")
-    add("--jobs", type=int, default=2, help="training runs at a time")
-    add("--threads", type=int, default=1, help="torch threads per training run")
-    add(
-        "--quick", action="store_true", help="a 2-minute pipeline check on tiny data (not a result)"
-    )
-    add("--render", action="store_true", help="only rewrite OUT/paper_repro.md from its JSON")
+    add_study_flags(parser, "paper_repro",
+                    data_root=("data/paper", "datasets go to DATA_ROOT/<split mode>"),
+                    runs=("runs/paper", "run directories and per-study reports"))  # fmt: skip
     args = parser.parse_args(argv)
     args.studies = _names(parser, "--studies", args.studies, STUDIES)
     try:
         args.seeds = sorted({int(s) for s in args.seeds.split(",")})
     except ValueError:
         parser.error(f"--seeds {args.seeds!r}: give integers like 0,1,2")
-    for name in ("epochs", "train", "val", "test", "jobs", "threads"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1")
+    check_study_flags(parser, args, "paper_repro",
+                      ("epochs", "train", "val", "test", "jobs", "threads"))  # fmt: skip
     if not (ROOT / args.config).is_file() and not Path(args.config).is_file():
         parser.error(f"--config {args.config}: no such file")
-    if args.render and not (ROOT / args.out / "paper_repro.json").is_file():
-        parser.error(f"--render: no {args.out}/paper_repro.json to render")
     if args.quick:
         args.train, args.val, args.test, args.epochs = 96, 32, 32, 1
         args.seeds = args.seeds[:1]
@@ -144,14 +131,6 @@ def _names(parser: argparse.ArgumentParser, flag: str, text: str, known: dict) -
     if unknown or not names:
         parser.error(f"{flag} {text!r}: choose from {', '.join(known)}")
     return list(dict.fromkeys(names))
-
-
-def make_dataset(split: str, args: argparse.Namespace, log: Log) -> Path:
-    wanted = {"split_mode": split, "train": args.train, "val": args.val, "test": args.test}
-    flags = ["--split-mode", split, "--train", str(args.train), "--val", str(args.val),
-             "--test", str(args.test), "--seed", "0"]  # fmt: skip
-    return ensure_dataset(Path(args.data_root) / split, flags, wanted,
-                          Path(args.runs) / f"data_{split}.log", log)  # fmt: skip
 
 
 def train(run: Run, data: Path, args: argparse.Namespace, log: Log) -> dict[str, Any]:
@@ -340,20 +319,14 @@ def render_markdown(results: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    os.chdir(ROOT)
-    if args.render:
-        payload = json.loads((Path(args.out) / "paper_repro.json").read_text())
-        write_text_atomic(Path(args.out) / "paper_repro.md", render_markdown(payload))
-        return 0
-    with hold_folder(args.runs, flag="--runs"):  # two studies never train the same run folders
-        return run_studies(args, argv)
+    return study_main(args, "paper_repro", render_markdown, lambda: run_studies(args, argv))
 
 
 def run_studies(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     log = Log()
-    command = shlex.join(["python", "experiments/paper_repro.py", *(argv or sys.argv[1:])])
+    command = study_command("paper_repro.py", argv)
     log(f"{command}: studies {', '.join(args.studies)}, seeds {args.seeds}, {args.epochs} epochs")
-    data = {split: make_dataset(split, args, log)
+    data = {split: paper_dataset("split_mode", split, args, log)
             for split in dict.fromkeys(STUDIES[s][0] for s in args.studies)}  # fmt: skip
     plan = {study: [Run(STUDIES[study][0], arm, seed) for arm in STUDIES[study][1]
                     for seed in args.seeds] for study in args.studies}  # fmt: skip

@@ -1,12 +1,15 @@
-"""What the study scripts of ``experiments/`` share: timestamped logs, child commands whose
-output goes to a log file, one-thread job environments, datasets made once, training runs
-that continue where they stopped, the code version of a result and its formatting.
+"""What the study scripts of ``experiments/`` share: their common flags and ``main``, timestamped
+logs, child commands whose output goes to a log file, one-thread job environments, datasets made
+once, training runs that continue where they stopped, the code version of a result and its
+formatting.
 
-Not part of the ``coorddet`` library (which never imports ``experiments/``).
+Not part of the ``coorddet`` library (which never imports ``experiments/``). The scripts import
+it as ``study``: Python puts a script's own folder on ``sys.path``.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shlex
@@ -14,10 +17,73 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def study_parser(script: str, doc: str) -> argparse.ArgumentParser:
+    """The parser of ``experiments/SCRIPT``, described by the first paragraph of ``doc``."""
+    return argparse.ArgumentParser(
+        prog=f"python experiments/{script}",
+        description=doc.split("\n\n")[0] + " Paths are relative to the repository root.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+
+
+def add_study_flags(
+    parser: argparse.ArgumentParser, name: str, *, data_root: tuple[str, str], runs: tuple[str, str]
+) -> None:
+    """The flags every study has: dataset sizes, ``--data-root`` and ``--runs`` (each a
+    ``(default, help)``), ``--out`` (``OUT/NAME.json`` and ``.md``), ``--jobs``, ``--threads``,
+    ``--quick`` and ``--render``."""
+    add = parser.add_argument
+    add("--train", type=int, default=9000, help="train canvases per dataset")
+    add("--val", type=int, default=1000, help="val canvases per dataset")
+    add("--test", type=int, default=1000, help="test canvases per dataset (held-out digits)")
+    add("--data-root", default=data_root[0], help=data_root[1])
+    add("--runs", default=runs[0], help=runs[1])
+    add("--out", default="results", help=f"writes OUT/{name}.json and OUT/{name}.md")
+    add("--jobs", type=int, default=2, help="training runs at a time")
+    add("--threads", type=int, default=1, help="torch threads per training run")
+    add("--quick", action="store_true", help="a pipeline check on tiny data (not a result)")
+    add("--render", action="store_true", help=f"only rewrite OUT/{name}.md from its JSON")
+
+
+def check_study_flags(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, name: str, counts: Sequence[str]
+) -> None:
+    """Usage errors (exit 2): a count of ``counts`` below 1, ``--render`` without its JSON."""
+    for count in counts:
+        if getattr(args, count) < 1:
+            parser.error(f"--{count.replace('_', '-')} must be >= 1")
+    if args.render and not (ROOT / args.out / f"{name}.json").is_file():
+        parser.error(f"--render: no {args.out}/{name}.json to render")
+
+
+def study_main(
+    args: argparse.Namespace, name: str, render: Callable[[Any], str], run: Callable[[], int]
+) -> int:
+    """From the repository root: ``--render`` rewrites ``OUT/NAME.md`` from its JSON; otherwise
+    ``run()`` while holding ``--runs`` (two studies never train the same run folders)."""
+    from coorddet.fileio import write_text_atomic
+    from coorddet.locking import hold_folder
+
+    os.chdir(ROOT)
+    if args.render:
+        path = Path(args.out) / f"{name}.json"
+        write_text_atomic(path.with_suffix(".md"), render(json.loads(path.read_text())))
+        return 0
+    with hold_folder(args.runs, flag="--runs"):
+        return run()
+
+
+def study_command(script: str, argv: Sequence[str] | None) -> str:
+    """The command line that ran the study, for its report."""
+    args = argv if argv is not None else sys.argv[1:]
+    return shlex.join(["python", f"experiments/{script}", *args])
 
 
 class Log:
@@ -89,6 +155,16 @@ def ensure_dataset(out: Path, flags: list[str], wanted: dict, log_file: Path, lo
                python_env(2))  # fmt: skip
     log(f"dataset {out}: generated in {time.monotonic() - started:.1f} s")
     return out
+
+
+def paper_dataset(setting: str, value: str, args: argparse.Namespace, log: Log) -> Path:
+    """``DATA_ROOT/VALUE``: the paper's canvases (seed 0, ``--train/--val/--test`` of them) with
+    the ``data_gen`` setting ``setting`` (``split_mode``, ``boxes``) at ``value``, made once."""
+    wanted = {setting: value, "train": args.train, "val": args.val, "test": args.test}
+    flags = [f"--{setting.replace('_', '-')}", value, "--train", str(args.train),
+             "--val", str(args.val), "--test", str(args.test), "--seed", "0"]  # fmt: skip
+    return ensure_dataset(Path(args.data_root) / value, flags, wanted,
+                          Path(args.runs) / f"data_{value}.log", log)  # fmt: skip
 
 
 def train_command(out: Path, flags: list[str]) -> list[str]:

@@ -22,6 +22,8 @@ def load_script(path: Path):
     """Import a script of ``experiments/`` as a module (its file name is the module name)."""
     import importlib.util
 
+    if str(path.parent) not in sys.path:  # its sibling modules, as `python path` finds them
+        sys.path.insert(0, str(path.parent))
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules.setdefault(path.stem, module)  # dataclasses look their module up there

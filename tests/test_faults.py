@@ -1,5 +1,5 @@
 """Two writers on one folder, full disks, read-only or removed folders, a dead DDP worker: through
-the real command lines (issue 19).
+the real command lines.
 
 - A second process on an output folder exits 2 with one line naming the folder and the process
   holding it, and changes nothing; a lock whose holder was killed is taken over.
@@ -80,7 +80,7 @@ def leave_stale_lock(folder: Path) -> None:
 
 
 def test_a_second_training_into_a_running_ones_folder_is_refused(tiny_dataset, tmp_path):
-    """The issue's case: the same command twice (also with --overwrite, --resume last)."""
+    """The plainest case: the same command twice (also with --overwrite, --resume last)."""
     out = tmp_path / "run"
     args = [*SMOKE, "--data", str(tiny_dataset), "--out", str(out), "--quiet", "--max-epochs", "2"]
     first = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=ENV, stderr=subprocess.PIPE,

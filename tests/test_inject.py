@@ -223,4 +223,3 @@ def test_checkpoint_keys_are_the_baseline_keys_plus_coord_weight():
     assert keys - baseline_keys == {f"{name}.coord_weight" for name in replaced}
     assert baseline_keys <= keys
     model.load_state_dict(model.state_dict())  # strict round trip
-

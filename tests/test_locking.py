@@ -1,7 +1,8 @@
 """``hold_folder``: one process per output folder, a dead holder's lock taken over.
 
-``coorddet.locking`` and ``data_gen.locking`` are one file (the packages never import each
-other), so every case runs against both.
+One implementation (``folderlock``), bound to each package's ``UserError`` by
+``coorddet.locking`` and ``data_gen.locking`` (the packages never import each other); every case
+runs through both bindings.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import coorddet.errors
 import coorddet.locking
 import data_gen.errors
 import data_gen.locking
+import folderlock
 
 pytestmark = pytest.mark.robustness
 
@@ -52,10 +54,14 @@ def stop(process: subprocess.Popen) -> None:
     process.wait()
 
 
-def test_the_two_copies_are_one_file() -> None:
-    first = Path(coorddet.locking.__file__).read_text()
-    second = Path(data_gen.locking.__file__).read_text()
-    assert first.replace("from coorddet.errors", "from data_gen.errors") == second
+def test_both_packages_bind_the_one_lock() -> None:
+    assert coorddet.locking.lock_path is data_gen.locking.lock_path is folderlock.lock_path
+
+
+@pytest.mark.parametrize(("name", "other"), [("coorddet", "data_gen"), ("data_gen", "coorddet")])
+def test_a_binding_imports_not_the_other_package(name: str, other: str) -> None:
+    code = f"import sys, {name}.locking; assert {other!r} not in sys.modules, {other!r}"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -13,6 +13,11 @@ SCRIPT = ROOT / "experiments" / "paper_protocol.py"
 RECORD_KEYS = {"rung", "arm", "seed", "rpn_iou", "val_rpn_iou_per_epoch", "train_loss_per_epoch"}
 
 
+@pytest.fixture
+def script():
+    return load_script(SCRIPT)
+
+
 @pytest.fixture(scope="module")
 def quick_ladder(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("protocol")
@@ -28,8 +33,7 @@ def quick_ladder(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_quick_ladder_writes_one_record_per_run(quick_ladder):
-    script = load_script(SCRIPT)
+def test_quick_ladder_writes_one_record_per_run(quick_ladder, script):
     results = json.loads((quick_ladder / "results" / "paper_protocol.json").read_text())
     runs = results["runs"]
     assert sorted((r["rung"], r["arm"], r["seed"]) for r in runs) == [
@@ -64,8 +68,7 @@ def test_bad_arguments_exit_2():
 
 
 @pytest.mark.skipif(not (ROOT / "results" / "paper_protocol.json").is_file(), reason="no results")
-def test_committed_results_match_their_markdown_and_the_readme():
-    script = load_script(SCRIPT)
+def test_committed_results_match_their_markdown_and_the_readme(script):
     results = json.loads((ROOT / "results" / "paper_protocol.json").read_text())
     assert not results["quick"]
     assert (ROOT / "results" / "paper_protocol.md").read_text() == script.render_markdown(results)

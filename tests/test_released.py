@@ -1,4 +1,4 @@
-"""The released CoordConv protocol (issue 15): placement boxes, both anchor layouts, 'valid'
+"""The released CoordConv protocol: placement boxes, both anchor layouts, 'valid'
 padding, the released sampler, and an RPN-only model through the real command lines."""
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """coorddet.system: the process settings the command-line tools apply."""
 
+import importlib
 import json
 import os
 import platform
@@ -53,6 +54,7 @@ def test_keep_freed_memory_unless_the_user_chose(monkeypatch):
 _PROBE = """
 import os, sys
 from coorddet.cli import report_errors
+from coorddet.system import configure_process
 
 def main(argv):
     block = bytearray(256 * 2**20)  # malloc'd and written (zero-filled), then freed
@@ -61,6 +63,7 @@ def main(argv):
     print(os.environ.get("THP_MEM_ALLOC_ENABLE"), pages * os.sysconf("SC_PAGE_SIZE") // 2**20)
     return 0
 
+configure_process()  # as train.py's and coorddet.evaluate's main do
 sys.exit(report_errors(main))
 """
 
@@ -68,8 +71,9 @@ sys.exit(report_errors(main))
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
 @pytest.mark.parametrize("keep", ["1", "0"])
 def test_command_line_tools_keep_freed_memory_and_use_huge_pages(tmp_path, keep):
-    """What coorddet.cli.report_errors (train.py, coorddet.evaluate) sets, seen from the process: a freed
-    256 MB block stays in the process for reuse, unless COORDDET_KEEP_FREED_MEMORY=0."""
+    """What configure_process (first in train.py's and coorddet.evaluate's main) sets, seen from the
+    process: a freed 256 MB block stays in the process for reuse, unless
+    COORDDET_KEEP_FREED_MEMORY=0."""
     script = tmp_path / "probe.py"
     script.write_text(_PROBE)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "THP_", "GLIBC_"))}
@@ -93,14 +97,34 @@ ROOT = Path(__file__).resolve().parents[1]
 _THREAD_PROBE = """
 import os, sys
 from coorddet.cli import report_errors
+from coorddet.system import configure_process
 
 def main(argv):
     import torch
     print(torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS"), os.environ.get("COORDDET_THREADS"))
     return 0
 
+configure_process()
 sys.exit(report_errors(main))
 """
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+def test_each_command_sets_up_the_process_before_it_runs(command, monkeypatch):
+    """train.py's and coorddet.evaluate's ``main``: configure_process, then the command."""
+    import coorddet.system
+
+    cli = importlib.import_module(f"coorddet.cli.{command}")
+    calls = []
+
+    def record() -> None:
+        calls.append("configure_process")
+
+    monkeypatch.setattr(coorddet.system, "configure_process", record)
+    monkeypatch.setattr(cli, "configure_process", record, raising=False)
+    monkeypatch.setattr(cli, f"{command}_command", lambda argv: calls.append(argv) or 0)
+    assert cli.main(["--flag"]) == 0
+    assert calls == ["configure_process", ["--flag"]]
 
 
 def thread_env(**settings: str) -> dict[str, str]:

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from coorddet.errors import UserError
-from coorddet.system import configure_memory, configure_threads, fix_threads
+from coorddet.system import fix_threads
 
 USER_ERROR_EXIT = 2
 FAULT_EXIT = 1
@@ -50,14 +50,11 @@ def report_errors(
     command: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None
 ) -> int:
     """Call ``command(argv)``; a :class:`UserError` becomes one line on stderr and exit code 2, an
-    ``OSError`` (a failed write) one line and exit code 1.
+    ``OSError`` (a failed write) one line and exit code 1, Ctrl-C ``interrupted`` and 130.
 
-    Large CPU tensors use transparent huge pages and freed memory is reused
-    (:func:`coorddet.system.configure_memory`); torch's thread count follows the cores that
-    are free (:func:`coorddet.system.configure_threads`) unless the user set it.
+    Only errors: each command's ``main`` sets up the process
+    (:func:`coorddet.system.configure_process`) before calling this.
     """
-    configure_memory()
-    configure_threads()
     try:
         return command(argv)
     except (UserError, OSError) as error:

@@ -46,6 +46,8 @@ from coorddet.dataset_layout import data_gen_hint, require_dataset
 from coorddet.errors import UserError
 from coorddet.fileio import write_json_atomic
 from coorddet.locking import hold_folder
+from coorddet.optim import OPTIMIZERS
+from coorddet.system import configure_process
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[Any, dict[str, Any]]:
@@ -79,7 +81,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Any, dict[str, Any]]:
     add("--max-epochs", type=int, help="epochs to train")
     add("--batch-size", type=int, help="images per batch per device")
     add("--lr", type=float, help="peak learning rate")
-    add("--optimizer", choices=("sgd", "adamw", "adam"), help="optimizer")
+    add("--optimizer", choices=OPTIMIZERS, help="optimizer")
     add("--seed", type=int, help="random seed (model init, data order, augmentation)")
     add("--accelerator", help="cpu, gpu, auto, ... (Lightning)")
     add("--devices", help="devices per node: a count, a list like 0,1, or auto")
@@ -253,14 +255,11 @@ def _train(
         check_out_dir(out, overwrite=args.overwrite)
 
     import lightning as L
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from coorddet.cli.trainer import ThreadWatch, build_trainer, quiet_lightning
-    from coorddet.cli.workers import report_dead_worker, stop_workers
+    from coorddet.cli.trainer import build_trainer, quiet_lightning
 
     quiet_lightning(args.quiet)  # after the import: lightning sets its loggers' levels on import
 
-    from coorddet.module import NonFiniteLossError, final_metrics
     from coorddet.system import share_threads
 
     resume = read_resume_point(checkpoint) if checkpoint else None
@@ -286,14 +285,40 @@ def _train(
     if trainer.world_size > 1 and trainer.strategy.root_device.type == "cpu":
         share_threads(trainer.num_devices)  # CPU DDP: the free cores, divided; inherited
     if rank_zero:  # DDP's other processes start inside fit(), after this
-        if args.overwrite and out.exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
-        dump_yaml(config, out / "config.yaml")
-        if resume is not None:
-            trim_csv_log(out / "logs" / "metrics.csv", resume.completed_epochs)
+        _write_run_dir(config, overwrite=args.overwrite, resume=resume)
 
     started = time.perf_counter()
+    failed = _fit(trainer, module, datamodule, checkpoint, out=out, rank_zero=rank_zero)
+    if failed is not None:
+        return failed
+    seconds = time.perf_counter() - started
+    if not trainer.is_global_zero:
+        return 0
+    return _report(args, config, trainer, module, seconds)
+
+
+def _write_run_dir(config: TrainConfig, *, overwrite: bool, resume: ResumePoint | None) -> None:
+    """Process 0, before training: the run directory (emptied for ``--overwrite``), its
+    ``config.yaml``, and a resumed run's CSV log cut back to the checkpoint's epochs."""
+    out = config.out_dir
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dump_yaml(config, out / "config.yaml")
+    if resume is not None:
+        trim_csv_log(out / "logs" / "metrics.csv", resume.completed_epochs)
+
+
+def _fit(
+    trainer: Any, module: Any, datamodule: Any, checkpoint: Any, *, out: Any, rank_zero: bool
+) -> int | None:
+    """``trainer.fit``: None when it finished, else this process's exit code, its one line
+    printed (a NaN/inf loss, SIGTERM, a dead DDP worker, a failed write)."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from coorddet.cli.workers import report_dead_worker, stop_workers
+    from coorddet.module import NonFiniteLossError
+
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint, weights_only=True)
     except NonFiniteLossError as error:
@@ -321,9 +346,15 @@ def _train(
         if not line:
             raise
         return code
-    seconds = time.perf_counter() - started
-    if not trainer.is_global_zero:
-        return 0
+    return None
+
+
+def _report(args: Any, config: TrainConfig, trainer: Any, module: Any, seconds: float) -> int:
+    """Process 0, after training: ``metrics.json`` and the closing lines."""
+    from coorddet.cli.trainer import ThreadWatch
+    from coorddet.module import final_metrics
+
+    out = config.out_dir
     images = module.train_images * trainer.world_size
     metrics = {
         **final_metrics(module),
@@ -356,6 +387,7 @@ def _thread_source(flag: int | None) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    configure_process()  # memory and threads, before the command imports torch
     return report_errors(train_command, argv)
 
 

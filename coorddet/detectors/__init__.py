@@ -7,8 +7,18 @@ calls it, injects CoordConv and sets the memory format.
 """
 
 from coorddet.detectors.faster_rcnn import faster_rcnn, rpn_only
+from coorddet.detectors.one_stage import fcos, retinanet, ssdlite
 from coorddet.detectors.options import OPTION_GROUPS
 from coorddet.detectors.parts import GrayscaleTransform
 from coorddet.detectors.released import released_rpn_only
 
-__all__ = ["OPTION_GROUPS", "GrayscaleTransform", "faster_rcnn", "released_rpn_only", "rpn_only"]
+__all__ = [
+    "OPTION_GROUPS",
+    "GrayscaleTransform",
+    "faster_rcnn",
+    "fcos",
+    "released_rpn_only",
+    "retinanet",
+    "rpn_only",
+    "ssdlite",
+]
