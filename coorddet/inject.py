@@ -84,12 +84,16 @@ class SiteTable:
 
 
 _BODY = ("backbone.body", "backbone")  # an FPN backbone's body, else the backbone itself
+BACKBONE_SITES = {
+    "backbone-stem": Site(_BODY, first_only=True, exclude="backbone.fpn"),
+    "backbone": Site(_BODY, exclude="backbone.fpn"),
+    "fpn": Site(("backbone.fpn",)),
+}
+"""The sites every family shares: its backbone's first conv, its body, its FPN."""
 
 GENERALIZED_RCNN = SiteTable(
     sites={
-        "backbone-stem": Site(_BODY, first_only=True, exclude="backbone.fpn"),
-        "backbone": Site(_BODY, exclude="backbone.fpn"),
-        "fpn": Site(("backbone.fpn",)),
+        **BACKBONE_SITES,
         "rpn-head": Site(("rpn.head.conv",)),
         "rpn-box": Site(("rpn.head.bbox_pred",)),
         "roi-head": Site(("roi_heads.box_head",), image_aligned=False),
@@ -103,9 +107,7 @@ RPN-only detector too)."""
 
 ONE_STAGE = SiteTable(
     sites={
-        "backbone-stem": Site(_BODY, first_only=True, exclude="backbone.fpn"),
-        "backbone": Site(_BODY, exclude="backbone.fpn"),
-        "fpn": Site(("backbone.fpn",)),
+        **BACKBONE_SITES,
         "head-cls": Site(("head.classification_head",)),
         "head-box": Site(("head.regression_head",)),
     },

@@ -117,13 +117,18 @@ def metrics_table(
     return _table(header, rows)
 
 
-def _stats_cell(stats: Mapping[str, Any]) -> str:
+def format_stats(stats: Mapping[str, Any], digits: int = 4, *, spread: bool = True) -> str:
+    """An :func:`aggregate`'s mean, std and 95% CI: ``0.1234 ± 0.0100 [0.1000, 0.1500] (n=3)``
+    (``spread=False``: ``0.1234 [0.1000, 0.1500]``), or ``-`` when undefined."""
     if stats["mean"] is None:
         return "-"
-    if stats["std"] is None:
-        return f"{stats['mean']:.4f} (n=1)"
-    low, high = stats["ci95"]
-    return f"{stats['mean']:.4f} ± {stats['std']:.4f} [{low:.4f}, {high:.4f}] (n={stats['n']})"
+    mean = f"{stats['mean']:.{digits}f}"
+    if stats["ci95"] is None:
+        return f"{mean} (n=1)" if spread else mean
+    low, high = (f"{bound:.{digits}f}" for bound in stats["ci95"])
+    if not spread:
+        return f"{mean} [{low}, {high}]"
+    return f"{mean} ± {stats['std']:.{digits}f} [{low}, {high}] (n={stats['n']})"
 
 
 def group_table(
@@ -136,7 +141,7 @@ def group_table(
     header = ["metric", *names, *(f"{n} vs {baseline}" for n in others)]
     rows = []
     for key in METRIC_KEYS:
-        cells = [key, *(_stats_cell(groups[n][key]) for n in names)]
+        cells = [key, *(format_stats(groups[n][key]) for n in names)]
         cells += [
             format_percent(relative_change(groups[n][key]["mean"], groups[baseline][key]["mean"]))
             for n in others

@@ -178,12 +178,9 @@ def train_command(out: Path, flags: list[str]) -> list[str]:
 
 def mean_ci(stats: dict, digits: int) -> str:
     """An ``aggregate``'s mean and 95% CI: ``0.123 [0.120, 0.126]``, or ``-``."""
-    if stats["mean"] is None:
-        return "-"
-    if stats["ci95"] is None:
-        return f"{stats['mean']:.{digits}f}"
-    low, high = stats["ci95"]
-    return f"{stats['mean']:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+    from coorddet.report import format_stats
+
+    return format_stats(stats, digits, spread=False)
 
 
 def run_main(main: Callable[[], int]) -> None:

@@ -10,6 +10,8 @@ defaults. On ``mnist-small`` all three run on its one stride-4 map.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -29,12 +31,8 @@ def retinanet(
     generator = anchors.generator(image)
     body = parts.backbone(image)
     head = RetinaNetHead(body.out_channels, generator.num_anchors_per_location()[0], num_classes)
-    model = RetinaNet(
-        body, num_classes, anchor_generator=generator, head=head,
-        score_thresh=box_head.box_score_thresh, detections_per_img=box_head.box_detections_per_img,
-    )  # fmt: skip
-    model.transform = parts.transform(image)
-    return model
+    return _assemble(RetinaNet, body, num_classes, image, box_head,
+                     anchor_generator=generator, head=head)  # fmt: skip
 
 
 def fcos(
@@ -51,12 +49,8 @@ def fcos(
         sizes = tuple(tuple(level) for level in anchors.generator(image).sizes)
     generator = AnchorGenerator(sizes, ((1.0,),) * len(sizes))
     head = FCOSHead(body.out_channels, 1, num_classes)
-    model = FCOS(
-        body, num_classes, anchor_generator=generator, head=head,
-        score_thresh=box_head.box_score_thresh, detections_per_img=box_head.box_detections_per_img,
-    )  # fmt: skip
-    model.transform = parts.transform(image)
-    return model
+    return _assemble(FCOS, body, num_classes, image, box_head,
+                     anchor_generator=generator, head=head)  # fmt: skip
 
 
 def ssdlite(
@@ -66,17 +60,28 @@ def ssdlite(
     the backbone's maps and the data's anchors."""
     generator = anchors.generator(image)
     body = parts.backbone(image)
-    maps = image.spec.feature_maps
-    head = SSDLiteHead(
-        [body.out_channels] * maps,
-        generator.num_anchors_per_location(),
-        num_classes,
-        nn.BatchNorm2d,
+    channels = [body.out_channels] * image.spec.feature_maps
+    head = SSDLiteHead(channels, generator.num_anchors_per_location(), num_classes, nn.BatchNorm2d)
+    return _assemble(SSD, body, num_classes, image, box_head, anchor_generator=generator,
+                     size=image.sizes, head=head)  # fmt: skip
+
+
+def _assemble(
+    detector: type[nn.Module],
+    body: nn.Module,
+    num_classes: int,
+    image: ImageOptions,
+    box_head: BoxHeadOptions,
+    **parts_: Any,
+) -> nn.Module:
+    """torchvision's ``detector`` class from these parts, with coorddet's transform."""
+    model = detector(
+        backbone=body,
+        num_classes=num_classes,
+        score_thresh=box_head.box_score_thresh,
+        detections_per_img=box_head.box_detections_per_img,
+        **parts_,
     )
-    model = SSD(
-        body, generator, image.sizes, num_classes, head=head,
-        score_thresh=box_head.box_score_thresh, detections_per_img=box_head.box_detections_per_img,
-    )  # fmt: skip
     model.transform = parts.transform(image)
     return model
 
