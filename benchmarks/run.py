@@ -25,6 +25,10 @@ Measures on this machine and prints a table; ``--out`` also writes the pinned JS
   process that the benchmark starts (and stops) keeps one core busy, as a neighbour would
   (it is not a child of the benchmark: coorddet counts its own children as its own work);
   ``contended_ratio``: contended over idle (0.5 is ideal on 2 cores, one of them taken);
+- ``train_img_per_s_<detector>`` and ``coordconv_step_ratio_<detector>`` for every detector
+  (``faster_rcnn``, ``mask_rcnn``, ``rpn_only``, ``retinanet``, ``fcos``, ``ssdlite``: the
+  name with ``_`` for ``-``): its baseline through Lightning as above, and its CoordConv step
+  ratio (at its default sites) interleaved as above; Faster R-CNN's are the keys above;
 - ``train_img_per_s_bf16``: ``train_img_per_s_baseline`` with ``--precision bf16-mixed``;
   ``eval_img_per_s_bf16``: ``eval_img_per_s`` under ``torch.autocast("cpu", bfloat16)``;
 - ``torch``, ``torchvision``, ``lightning``, ``cpu``, ``cpu_count``, ``threads``.
@@ -60,7 +64,7 @@ from coorddet.data import CocoDataset, collate_detection
 from coorddet.datamodule import CocoDataModule
 from coorddet.fileio import write_json_atomic
 from coorddet.inference import predict_with_proposals
-from coorddet.models import build_model
+from coorddet.models import build_model, list_detectors, uses_masks
 from coorddet.module import DetectionModule
 from coorddet.system import (
     configure_memory,
@@ -99,7 +103,13 @@ def bench_generation(out: Path) -> tuple[float, Path]:
 
 
 def config_for(
-    data: Path, out: Path, *, coordconv: bool, steps: int, precision: str = "32-true"
+    data: Path,
+    out: Path,
+    *,
+    coordconv: bool,
+    steps: int,
+    precision: str = "32-true",
+    detector: str = "faster-rcnn",
 ) -> Any:
     return build_config(
         {},
@@ -107,6 +117,7 @@ def config_for(
             "data.data_dir": str(data),
             "data.batch_size": BATCH,
             "model.backbone": "mnist-small",
+            "model.detector": detector,
             "model.coordconv": coordconv,
             "trainer.max_epochs": 1,
             "trainer.accelerator": "cpu",
@@ -120,13 +131,19 @@ def config_for(
 
 
 def lightning_steps(
-    data: Path, tmp: Path, *, coordconv: bool, steps: int, precision: str = "32-true"
+    data: Path,
+    tmp: Path,
+    *,
+    coordconv: bool,
+    steps: int,
+    precision: str = "32-true",
+    detector: str = "faster-rcnn",
 ) -> list[float]:
     """Step times of one ``train.py``-style fit (the first ``warmup`` are dropped by callers)."""
     config = config_for(data, tmp / f"run-{coordconv}-{time.monotonic_ns()}", coordconv=coordconv,
-                        steps=steps, precision=precision)  # fmt: skip
+                        steps=steps, precision=precision, detector=detector)  # fmt: skip
     L.seed_everything(config.seed, verbose=False)
-    datamodule = CocoDataModule(**dataclasses.asdict(config.data))
+    datamodule = CocoDataModule(**dataclasses.asdict(config.data), masks=uses_masks(detector))
     module = DetectionModule(
         build_model(**config.model),
         **dataclasses.asdict(config.optim),
@@ -173,14 +190,16 @@ def plain_steps(data: Path, *, steps: int) -> tuple[list[float], torch.nn.Module
     return times, model
 
 
-def interleaved_ratio(data: Path, *, steps: int, warmup: int) -> tuple[float, dict[str, float]]:
+def interleaved_ratio(
+    data: Path, *, steps: int, warmup: int, detector: str = "faster-rcnn"
+) -> tuple[float, dict[str, float]]:
     """CoordConv / baseline step time, the two models stepped alternately on the same batches.
 
     The median over steps of each step's pair of times (which arm goes first turns every step),
     so what drifts during the run (clock speed, a neighbour's load) cancels within a pair.
     Also returns each arm's median step time.
     """
-    dataset = CocoDataset(data, "train")
+    dataset = CocoDataset(data, "train", masks=uses_masks(detector))
     batches = [
         collate_detection([dataset[i] for i in range(start, start + BATCH)])
         for start in range(0, 8 * BATCH, BATCH)
@@ -188,7 +207,7 @@ def interleaved_ratio(data: Path, *, steps: int, warmup: int) -> tuple[float, di
     models, optimizers = {}, {}
     for arm in ("baseline", "coordconv"):
         torch.manual_seed(0)
-        models[arm] = build_model(coordconv=arm == "coordconv").train()
+        models[arm] = build_model(detector=detector, coordconv=arm == "coordconv").train()
         optimizers[arm] = torch.optim.SGD(models[arm].parameters(), lr=0.01, momentum=0.9)
     times: dict[str, list[float]] = {arm: [] for arm in models}
     for step in range(warmup + steps):
@@ -205,6 +224,29 @@ def interleaved_ratio(data: Path, *, steps: int, warmup: int) -> tuple[float, di
     pairs = [cc / base for base, cc in zip(times["baseline"], times["coordconv"], strict=True)]
     median = {arm: statistics.median(values) for arm, values in times.items()}
     return statistics.median(pairs), median
+
+
+def bench_detectors(
+    data: Path, tmp: Path, results: dict[str, Any], *, steps: int, warmup: int
+) -> dict[str, float]:
+    """``train_img_per_s_<detector>`` (the baseline arm through Lightning) and
+    ``coordconv_step_ratio_<detector>`` (interleaved) for every registered detector, at its
+    default CoordConv sites; Faster R-CNN's are the keys measured above."""
+    measured: dict[str, float] = {}
+    for detector in list_detectors():
+        key = detector.replace("-", "_")
+        if detector == "faster-rcnn":
+            measured[f"train_img_per_s_{key}"] = results["train_img_per_s_baseline"]
+            measured[f"coordconv_step_ratio_{key}"] = results["coordconv_step_ratio"]
+            continue
+        print(f"{detector} ...", flush=True)
+        times = lightning_steps(data, tmp, coordconv=False, steps=warmup + steps,
+                                detector=detector)  # fmt: skip
+        measured[f"train_img_per_s_{key}"] = BATCH / statistics.median(times[warmup:])
+        measured[f"coordconv_step_ratio_{key}"], _ = interleaved_ratio(
+            data, steps=steps, warmup=warmup, detector=detector
+        )
+    return measured
 
 
 def eval_speed(model: torch.nn.Module, data: Path, *, batches: int, bf16: bool = False) -> float:
@@ -308,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         results["contended_ratio"] = (
             results["train_img_per_s_contended"] / results["train_img_per_s_baseline"]
         )
+        results |= bench_detectors(data, tmp, results, steps=steps, warmup=warmup)
     results = {key: round(value, 4) for key, value in results.items()} | describe_machine()
     results["quick"] = args.quick
     print_table(results)
@@ -331,13 +374,16 @@ TARGETS = {
     "train_img_per_s_contended": (None, None),
     "contended_ratio": (">=", 0.45),
 }
+for _detector in list_detectors():  # every detector: fp32 training speed and CoordConv's cost
+    TARGETS[f"train_img_per_s_{_detector.replace('-', '_')}"] = (">=", 60)
+    TARGETS[f"coordconv_step_ratio_{_detector.replace('-', '_')}"] = ("<=", 1.05)
 
 
 def print_table(results: dict[str, Any]) -> None:
     print(f"\ncoorddet benchmark ({results['cpu']}, {results['cpu_count']} CPUs, "
           f"{results['threads']} torch threads; torch {results['torch']}, torchvision "
           f"{results['torchvision']}, lightning {results['lightning']})")  # fmt: skip
-    print(f"{'key':28s} {'value':>10s}  target")
+    print(f"{'key':36s} {'value':>10s}  target")
     for key, (op, target) in TARGETS.items():
         value = results[key]
         if op is None:
@@ -345,7 +391,7 @@ def print_table(results: dict[str, Any]) -> None:
         else:
             met = value >= target if op == ">=" else value <= target
             verdict = f"{op} {target:g}  {'met' if met else 'MISSED'}"
-        print(f"{key:28s} {value:10.3f}  {verdict}")
+        print(f"{key:36s} {value:10.3f}  {verdict}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""coorddet: CoordConv for torchvision's Faster R-CNN (Liu et al. 2018, arXiv 1807.03247).
+"""coorddet: CoordConv for torchvision's detectors (Liu et al. 2018, arXiv 1807.03247).
 
     from coorddet import AddCoords, CoordConv2d, inject_coordconv, build_model
 

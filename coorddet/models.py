@@ -28,6 +28,7 @@ from coorddet.detectors import (
     GrayscaleTransform,
     faster_rcnn,
     fcos,
+    mask_rcnn,
     released_rpn_only,
     retinanet,
     rpn_only,
@@ -44,6 +45,7 @@ __all__ = [
     "default_image_sizes",
     "default_sites",
     "is_rpn_only",
+    "uses_masks",
     "list_detectors",
     "model_defaults",
     "register_detector",
@@ -57,6 +59,7 @@ that regresses boxes."""
 
 _BUILDERS: dict[tuple[str, str], Callable[..., nn.Module]] = {}
 _DEFAULT_SITES: dict[str, tuple[str, ...]] = {}
+_MASKS: set[str] = set()  # detectors that train on instance masks
 
 
 def register_detector(
@@ -65,6 +68,7 @@ def register_detector(
     *,
     rpn: str = "torchvision",
     sites: Sequence[str] = DEFAULT_SITES,
+    masks: bool = False,
 ) -> Callable[..., nn.Module]:
     """Make ``builder`` the detector ``name`` (with the RPN ``rpn``) for :func:`build_model`.
 
@@ -72,6 +76,7 @@ def register_detector(
     ``anchors``, ``proposals``, ``box_head``, ``released``: :data:`OPTION_GROUPS`) and
     ``num_classes`` if it names it, and returns the detector without CoordConv. ``sites``:
     where ``coordconv=True`` puts CoordConv unless ``coordconv_sites`` says otherwise.
+    ``masks``: the detector trains on the targets' instance ``masks``.
     """
     check_choice("rpn", rpn, RPNS)
     unknown = set(inspect.signature(builder).parameters) - {*OPTION_GROUPS, "num_classes"}
@@ -79,10 +84,13 @@ def register_detector(
         raise ValueError(f"builder {builder.__name__} takes unknown arguments {sorted(unknown)}")
     _BUILDERS[(name, rpn)] = builder
     _DEFAULT_SITES.setdefault(name, tuple(check_sites(sites)))
+    if masks:
+        _MASKS.add(name)
     return builder
 
 
 register_detector("faster-rcnn", faster_rcnn)
+register_detector("mask-rcnn", mask_rcnn, masks=True)
 register_detector("rpn-only", rpn_only)
 register_detector("rpn-only", released_rpn_only, rpn="released")
 register_detector("retinanet", retinanet, sites=ONE_STAGE_SITES)
@@ -93,6 +101,11 @@ register_detector("ssdlite", ssdlite, sites=ONE_STAGE_SITES)
 def list_detectors() -> list[str]:
     """The detector names :func:`build_model` knows, in registration order."""
     return list(dict.fromkeys(name for name, _ in _BUILDERS))
+
+
+def uses_masks(detector: str) -> bool:
+    """Whether ``detector`` trains on instance masks (its data must hold segmentations)."""
+    return detector in _MASKS
 
 
 def default_sites(detector: str) -> tuple[str, ...]:

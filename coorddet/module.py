@@ -1,4 +1,4 @@
-"""The ``LightningModule`` for a torchvision Faster R-CNN (baseline or CoordConv).
+"""The ``LightningModule`` for a torchvision detector (baseline or CoordConv).
 
 Lightning owns the loops, devices, DDP, precision, checkpoints and logs; this module only says
 what one training step is, how validation is scored (:mod:`coorddet.metrics`, the same code as
@@ -22,7 +22,7 @@ from coorddet.evaluation.scoring import score
 from coorddet.metrics import METRIC_KEYS, finite_or_none
 from coorddet.models import is_rpn_only
 from coorddet.optim import build_optimizer, lr_factor
-from coorddet.predictions import ImagePrediction, with_category_ids
+from coorddet.predictions import ImagePrediction, has_segmentations, with_category_ids
 
 CHECKPOINT_FORMAT = 1
 
@@ -32,7 +32,8 @@ class NonFiniteLossError(RuntimeError):
 
 
 class DetectionModule(L.LightningModule):
-    """Trains ``model`` (a torchvision ``FasterRCNN``) and scores it on the validation split.
+    """Trains ``model`` (a torchvision detector: Faster R-CNN, Mask R-CNN, RetinaNet, ...) and
+    scores it on the validation split.
 
     Args:
         model: the detector; images are float ``(C, H, W)`` tensors in [0, 1], targets dicts of
@@ -161,6 +162,7 @@ class DetectionModule(L.LightningModule):
             records,
             score_thresh=self.hparams.score_thresh,
             detections=not is_rpn_only(self.model),
+            masks=has_segmentations(records),  # a mask head: segm_* (mask AP) logged too
         )
         self.last_metrics = metrics
         # None (NaN: e.g. no large digits -> map_large undefined) would poison checkpoint

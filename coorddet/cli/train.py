@@ -54,7 +54,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Any, dict[str, Any]]:
     """Return the parsed namespace and the config overrides it asks for (dotted keys)."""
     parser = ArgumentParser(
         prog="train.py",
-        description="Train a Faster R-CNN (baseline or CoordConv) on a data_gen dataset. "
+        description="Train a detector (baseline or CoordConv) on a data_gen dataset. "
         "Flags override --config, which overrides the built-in defaults.",
     )
     bool_flag = argparse.BooleanOptionalAction
@@ -66,8 +66,11 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Any, dict[str, Any]]:
     add("--out", metavar="DIR", help="run directory (default: runs/<name>)")
     add("--coordconv", action=bool_flag, help="inject CoordConv layers (default: off)")
     add("--coordconv-sites", metavar="SITES", help="comma-separated sites, e.g. "
-        "backbone-stem,rpn-head,rpn-box (the paper's placement, the default)")  # fmt: skip
+        "backbone-stem,rpn-head,rpn-box (the paper's placement, the R-CNNs' default; "
+        "one-stage detectors: backbone-stem,head-box)")  # fmt: skip
     add("--with-r", action=bool_flag, help="add the radius channel to CoordConv layers")
+    add("--detector", help="faster-rcnn (default), mask-rcnn, retinanet, fcos, ssdlite or "
+        "rpn-only")  # fmt: skip
     add("--backbone", help="mnist-small (default), resnet50-fpn or mobilenet-v3-fpn")
     add(
         "--data",
@@ -106,6 +109,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Any, dict[str, Any]]:
     mapping = {
         "name": "name", "out": "out", "seed": "seed",
         "coordconv": "model.coordconv", "with_r": "model.with_r", "backbone": "model.backbone",
+        "detector": "model.detector",
         "data": "data.data_dir", "batch_size": "data.batch_size",
         "num_workers": "data.num_workers", "augment": "data.augment",
         "train_split": "data.train_split", "val_split": "data.val_split",
@@ -145,11 +149,12 @@ def _open_data(config: TrainConfig, *, from_data: set[str], quiet: bool) -> Any:
     channels and sizes are printed once. A ``num_classes`` set by the config is checked
     against the categories."""
     from coorddet.datamodule import CocoDataModule
-    from coorddet.models import default_image_sizes
+    from coorddet.models import default_image_sizes, uses_masks
 
     hint = data_gen_hint(config.data.data_dir)
+    masks = uses_masks(config.model["detector"])
     try:
-        datamodule = CocoDataModule(**dataclasses.asdict(config.data))
+        datamodule = CocoDataModule(**dataclasses.asdict(config.data), masks=masks)
         datamodule.setup("fit")
     except UserError as error:
         message = str(error)

@@ -6,7 +6,7 @@ returns a model without CoordConv; :func:`coorddet.models.build_model` checks th
 calls it, injects CoordConv and sets the memory format.
 """
 
-from coorddet.detectors.faster_rcnn import faster_rcnn, rpn_only
+from coorddet.detectors.faster_rcnn import faster_rcnn, mask_rcnn, rpn_only
 from coorddet.detectors.one_stage import fcos, retinanet, ssdlite
 from coorddet.detectors.options import OPTION_GROUPS
 from coorddet.detectors.parts import GrayscaleTransform
@@ -17,6 +17,7 @@ __all__ = [
     "GrayscaleTransform",
     "faster_rcnn",
     "fcos",
+    "mask_rcnn",
     "released_rpn_only",
     "retinanet",
     "rpn_only",

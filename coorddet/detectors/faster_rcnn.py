@@ -1,4 +1,4 @@
-"""Faster R-CNN and its first stage alone (``rpn-only``), composed from torchvision's parts.
+"""Faster R-CNN, Mask R-CNN and the first stage alone (``rpn-only``), from torchvision's parts.
 
 Both are torchvision ``GeneralizedRCNN`` models (the class ``FasterRCNN`` is), assembled from
 parts as ``FasterRCNN`` does, but handed over directly: torchvision's ``FasterRCNN``
@@ -22,6 +22,7 @@ from torch import nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import MultiScaleRoIAlign
 
@@ -54,6 +55,32 @@ def faster_rcnn(
     num_classes: int,
 ) -> GeneralizedRCNN:
     """torchvision's Faster R-CNN: backbone, RPN, RoI pooler, ``TwoMLPHead``, predictor."""
+    return _two_stage(image, anchors, proposals, box_head, num_classes, masks=False)
+
+
+def mask_rcnn(
+    *,
+    image: ImageOptions,
+    anchors: AnchorOptions,
+    proposals: ProposalOptions,
+    box_head: BoxHeadOptions,
+    num_classes: int,
+) -> GeneralizedRCNN:
+    """Mask R-CNN: Faster R-CNN (the same weights for a seed) plus torchvision's mask branch:
+    RoIs pooled to 14x14, four 3x3 convs as wide as the backbone's maps, a 2x upsampling
+    predictor, one mask per class. Trains on targets' ``masks``; detections gain ``masks``."""
+    return _two_stage(image, anchors, proposals, box_head, num_classes, masks=True)
+
+
+def _two_stage(
+    image: ImageOptions,
+    anchors: AnchorOptions,
+    proposals: ProposalOptions,
+    box_head: BoxHeadOptions,
+    num_classes: int,
+    *,
+    masks: bool,
+) -> GeneralizedRCNN:
     if box_head.roi_pool == "pool" and image.spec.feature_maps != 1:
         raise ValueError(
             f"roi_pool='pool' is not valid for backbone={image.backbone!r}; use 'align'"
@@ -61,7 +88,7 @@ def faster_rcnn(
     generator = _anchor_generator(image, anchors)
     body = parts.backbone(image)
     rpn = _rpn(body, generator, proposals)
-    heads = _roi_heads(body, image, box_head, num_classes)
+    heads = _roi_heads(body, image, box_head, num_classes, masks=masks)
     return GeneralizedRCNN(body, rpn, heads, parts.transform(image))
 
 
@@ -107,27 +134,43 @@ def _rpn(
 
 
 def _roi_heads(
-    body: nn.Module, image: ImageOptions, options: BoxHeadOptions, num_classes: int
+    body: nn.Module, image: ImageOptions, options: BoxHeadOptions, num_classes: int, *, masks: bool
 ) -> BatchedRoIHeads:
     """RoI pooler (``MatmulRoIAlign`` on single-map backbones, torchvision's
     ``MultiScaleRoIAlign`` on FPNs or with ``align-torchvision``, ``RoIPool`` with ``pool``),
-    ``TwoMLPHead``, predictor, batched NMS."""
-    roi_maps = list(image.spec.roi_maps)
-    size, ratio = options.roi_output_size, options.sampling_ratio
-    pooler: nn.Module
+    ``TwoMLPHead``, predictor, batched NMS; with ``masks``, the mask branch after them."""
+    size = options.roi_output_size
     if options.roi_pool == "pool":
-        pooler = SingleMapRoIPool(roi_maps[0], size)
-    elif options.roi_pool == "align" and image.spec.feature_maps == 1:
-        pooler = MatmulRoIAlign(roi_maps, size, ratio)
+        pooler: nn.Module = SingleMapRoIPool(image.spec.roi_maps[0], size)
     else:
-        pooler = MultiScaleRoIAlign(roi_maps, size, ratio)
+        pooler = _align(image, options, size)
     width = options.box_head_width
-    return BatchedRoIHeads(
+    box_parts = (
         pooler,
         ChannelsLastTwoMLPHead(body.out_channels * size**2, width),
         FastRCNNPredictor(width, num_classes),
+    )
+    mask_parts = {}
+    if masks:  # built after the box parts: a seed gives Faster R-CNN's weights for those
+        channels = body.out_channels
+        mask_parts = {
+            "mask_roi_pool": _align(image, options, 14),
+            "mask_head": MaskRCNNHeads(channels, (channels,) * 4, 1),
+            "mask_predictor": MaskRCNNPredictor(channels, channels, num_classes),
+        }
+    return BatchedRoIHeads(
+        *box_parts,
         batch_size_per_image=options.box_batch_size_per_image,
         score_thresh=options.box_score_thresh,
         detections_per_img=options.box_detections_per_img,
         **FASTER_RCNN_DEFAULTS["roi_heads"],
+        **mask_parts,
     )
+
+
+def _align(image: ImageOptions, options: BoxHeadOptions, size: int) -> nn.Module:
+    """RoIAlign to ``size`` x ``size``: as matrix products on a single map, else torchvision's."""
+    roi_maps = list(image.spec.roi_maps)
+    if options.roi_pool == "align" and image.spec.feature_maps == 1:
+        return MatmulRoIAlign(roi_maps, size, options.sampling_ratio)
+    return MultiScaleRoIAlign(roi_maps, size, options.sampling_ratio)

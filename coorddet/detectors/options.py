@@ -162,7 +162,8 @@ class ProposalOptions:
 @dataclass(frozen=True)
 class BoxHeadOptions:
     """Faster R-CNN's second stage: RoIs sampled per image in training, the ``TwoMLPHead``
-    width, how RoIs are pooled, and torchvision's inference options."""
+    width, how RoIs are pooled, and torchvision's inference options (``box_score_thresh``,
+    ``box_detections_per_img``), which the one-stage detectors take too."""
 
     box_batch_size_per_image: int = 32
     box_head_width: int = 256
