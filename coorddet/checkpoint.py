@@ -22,8 +22,8 @@ from coorddet.errors import UserError
 
 CHECKPOINT_KEY = "coorddet"  # marks a checkpoint as ours; holds the resolved run config
 
-if TYPE_CHECKING:  # torchvision loads only when a model is built: failed loads stay quick
-    from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+if TYPE_CHECKING:
+    from torch import nn
 
 _UNREADABLE = "not a readable checkpoint: corrupt, truncated or not a PyTorch file"
 # torch's weights-only unpickler, refusing a Python object (not a malformed stream): a global
@@ -78,10 +78,14 @@ class LoadedCheckpoint:
             )
 
     def describe(self, image_sizes: set[tuple[int, int]]) -> str:
-        """``CoordConv, seed 0``, plus a note when the model resizes images of these
+        """``CoordConv, seed 0`` (``retinanet, CoordConv, seed 0`` for detectors other than
+        Faster R-CNN), plus a note when the model resizes images of these
         ``(width, height)`` sizes (torchvision's rule with its ``min_size``/``max_size``)."""
-        text = f"{'CoordConv' if self.coordconv else 'no CoordConv'}, seed {self.seed}"
         model = self.config["model"]
+        text = f"{'CoordConv' if self.coordconv else 'no CoordConv'}, seed {self.seed}"
+        detector = model.get("detector", "faster-rcnn")
+        if detector != "faster-rcnn":  # the default goes unsaid, as in reports before
+            text = f"{detector}, {text}"
         canvas = model.get("canvas_size")
         low, high = model.get("min_size") or canvas, model.get("max_size") or canvas
         if low is None or high is None:
@@ -94,7 +98,7 @@ class LoadedCheckpoint:
             text += f"; min_size {low}, max_size {high}, so it resizes these {shown} images"
         return text
 
-    def build_model(self, **overrides: Any) -> GeneralizedRCNN:
+    def build_model(self, **overrides: Any) -> nn.Module:
         """The detector of the run config with the checkpoint's weights, in eval mode;
         ``overrides`` replace model settings that leave the weights' shapes alone (e.g.
         ``rpn_post_nms_top_n_test``)."""

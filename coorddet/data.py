@@ -1,4 +1,4 @@
-"""COCO detection data: a dataset on disk -> ``(image, target)`` pairs for Faster R-CNN.
+"""COCO detection data: a dataset on disk -> ``(image, target)`` pairs for torchvision detectors.
 
 :class:`CocoDataset` reads one split; :func:`collate_detection` batches it. Layout read (the
 contract written by ``data_gen``, :mod:`coorddet.dataset_layout`)::
@@ -25,6 +25,11 @@ counts change). A broken file found by a worker raises the same one-line error.
 
 Labels are contiguous, 1 for the smallest category id and so on (``data_gen``'s ids are
 digit + 1, 1..10, so there its labels are its ids); 0 is the background.
+
+Instance masks (``masks=True``, for Mask R-CNN): every annotation's ``segmentation`` (polygons
+or RLE, :mod:`coorddet.masks`) is checked and kept as compressed RLE bytes when the split is
+opened (one bytes object, as the file names), and decoded per item, so masks cost no memory
+per pixel until an item is read.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from coorddet.boxes import xywh_to_xyxy
 from coorddet.dataset_layout import annotation_file, image_folder, require_dataset
 from coorddet.errors import UserError, flatten
 from coorddet.images import image_channels, read_image
+from coorddet.masks import decode, rle_counts
 from coorddet.validate import check_choice, is_int, is_number
 
 Target = dict[str, torch.Tensor]
@@ -64,12 +70,16 @@ class CocoDataset(Dataset):
     - ``target["boxes"]``: float32 ``(K, 4)`` xyxy, pixels (``(0, 4)`` when augmentation
       dropped every box); ``target["labels"]``: int64 ``(K,)`` labels (see ``category_ids``);
       ``target["image_id"]``: int64 0-dim; ``target["area"]``: float32 ``(K,)``, the target
-      box's ``w * h``; ``target["iscrowd"]``: int64 ``(K,)`` zeros.
+      box's ``w * h``; ``target["iscrowd"]``: int64 ``(K,)`` zeros;
+    - ``target["masks"]`` (only with ``masks=True``): uint8 ``(K, H, W)``, each box's instance
+      mask over the whole image, 0 or 1, in the order of ``boxes``.
 
     Crowd annotations (``iscrowd=1``) are checked but left out of the targets (they stay in
     ``.coco`` for COCOeval). ``transforms`` is a :mod:`coorddet.transforms` policy (``None``:
     no augmentation). ``decode``: ``"auto"`` (see the module's docstring), ``"memory"`` or
-    ``"lazy"``.
+    ``"lazy"``. ``masks``: also read each annotation's ``segmentation`` (a split without
+    them is refused when opened); augmentation moves the masks with their boxes and drops
+    them with their boxes.
 
     Attributes:
         coco: the ``pycocotools.coco.COCO`` index of the split's JSON.
@@ -89,11 +99,13 @@ class CocoDataset(Dataset):
         transforms: Callable | None = None,
         *,
         decode: str = "auto",
+        masks: bool = False,
     ) -> None:
         check_choice("decode", decode, DECODE_MODES, error=UserError)
         self.root = Path(root)
         self.split = split
         self.transforms = transforms
+        self.masks = masks
         json_path = annotation_file(require_dataset(self.root, [split]), split)
         dataset = _read_json(json_path)
         self.box_kind = box_kind(self.root)
@@ -132,15 +144,19 @@ class CocoDataset(Dataset):
         else:
             self.channels = max(image_channels(*self._file(i)) for i in range(len(images)))
 
-        boxes, labels, ann_start = [], [], [0]
+        boxes, labels, ann_start, counts = [], [], [0], []
         for image_id in self.image_ids:
             anns = [a for a in self.coco.imgToAnns[image_id] if not a["iscrowd"]]
             boxes += [a["bbox"] for a in anns]
             labels += [label_of[a["category_id"]] for a in anns]
             ann_start.append(len(labels))
+            if masks:
+                counts += [self._segmentation(a) for a in anns]
         self._boxes = np.array(boxes, dtype=np.float32).reshape(-1, 4)  # COCO xywh, pixels
         self._labels = np.array(labels, dtype=np.int64)
         self._ann_start = np.array(ann_start, dtype=np.int64)
+        self._counts = b"".join(counts)  # annotation j: _counts[_count_start[j]:_count_start[j+1]]
+        self._count_start = np.cumsum([0, *map(len, counts)], dtype=np.int64)
 
     @property
     def image_sizes(self) -> set[tuple[int, int]]:
@@ -164,13 +180,15 @@ class CocoDataset(Dataset):
                     pixels = np.repeat(pixels[:, :, None], 3, axis=2)
             else:
                 pixels = pixels.reshape(height, width, 3)
-        boxes = self._boxes[self._ann_start[index] : self._ann_start[index + 1]]
-        labels = self._labels[self._ann_start[index] : self._ann_start[index + 1]]
+        first, last = self._ann_start[index], self._ann_start[index + 1]
+        boxes, labels = self._boxes[first:last], self._labels[first:last]
+        masks = self._read_masks(index) if self.masks else None
         if self.transforms is not None:
-            out = self.transforms(image=pixels.copy(), bboxes=boxes, labels=labels)
-            pixels = out["image"]
-            boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
-            labels = np.asarray(out["labels"], dtype=np.int64).reshape(-1)
+            from coorddet.transforms import augment  # albumentations: only when augmenting
+
+            pixels, boxes, labels, masks = augment(
+                self.transforms, pixels.copy(), boxes, labels, masks
+            )
         if pixels.dtype != np.uint8 or pixels.ndim != (2 if self.channels == 1 else 3):
             raise TypeError(
                 f"transforms must return an {'(H, W)' if self.channels == 1 else '(H, W, 3)'} "
@@ -189,7 +207,27 @@ class CocoDataset(Dataset):
             "area": torch.from_numpy((boxes[:, 2] * boxes[:, 3]).astype(np.float32)),
             "iscrowd": torch.zeros(len(labels), dtype=torch.int64),
         }
+        if masks is not None:
+            target["masks"] = torch.from_numpy(masks)
         return image, target
+
+    def _segmentation(self, annotation: dict[str, Any]) -> bytes:
+        """An annotation's mask as checked compressed RLE counts (polygons rasterized)."""
+        where = f"{self._json_path}: annotation id {annotation['id']}"
+        if "segmentation" not in annotation:
+            raise UserError(
+                f"{where} has no 'segmentation'; instance masks need one per annotation (for "
+                "data_gen datasets: generate them again with this version)"
+            )
+        image = self.coco.imgs[annotation["image_id"]]
+        return rle_counts(annotation["segmentation"], image["height"], image["width"], where)
+
+    def _read_masks(self, index: int) -> np.ndarray:
+        """Image ``index``'s instance masks: uint8 ``(K, H, W)``."""
+        starts = self._count_start[self._ann_start[index] : self._ann_start[index + 1] + 1]
+        counts = [self._counts[a:b] for a, b in zip(starts[:-1], starts[1:], strict=True)]
+        height, width = (int(v) for v in self._sizes[index])
+        return decode(counts, height, width)
 
     def _file(self, index: int) -> tuple[Path, tuple[int, int], str]:
         """``(file, (width, height), where)`` of image ``index``, for :mod:`coorddet.images`."""
@@ -233,7 +271,8 @@ def collate_detection(
     The returned tensors are views: all images (when equal in size) share one storage, and so
     does each target field across the batch. A DataLoader worker then hands a batch over in
     six shared-memory segments instead of six per image, which is what makes workers pay off
-    (docs/speed.md).
+    (docs/speed.md). ``masks`` (``(K, H, W)`` per image) of images of different sizes cannot
+    share one tensor: they stay the images' own.
     """
     images = [image for image, _ in batch]
     targets = [target for _, target in batch]
@@ -245,6 +284,8 @@ def collate_detection(
         values = [target[key] for target in targets]
         if all(value.ndim == 0 for value in values):  # image_id
             parts = torch.stack(values).unbind(0)
+        elif len({value.shape[1:] for value in values}) > 1:  # masks of unequal images
+            parts = values
         else:  # one row per box
             parts = torch.cat(values).split(counts)
         for target, part in zip(joined, parts, strict=True):

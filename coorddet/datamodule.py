@@ -56,7 +56,8 @@ class CocoDataModule(L.LightningDataModule):
 
     Training images are augmented with ``augment_policy`` (see :mod:`coorddet.transforms`)
     when ``augment``; validation images never are. Batches are ``collate_detection`` output.
-    Lightning adds the ``DistributedSampler`` under DDP.
+    ``masks``: targets also carry instance masks (Mask R-CNN; both splits need
+    ``segmentation``). Lightning adds the ``DistributedSampler`` under DDP.
     """
 
     def __init__(
@@ -71,6 +72,7 @@ class CocoDataModule(L.LightningDataModule):
         val_split: str = "val",
         decode: str = "auto",
         pin_memory: bool = False,
+        masks: bool = False,
     ) -> None:
         super().__init__()
         check_int("batch_size", batch_size, 1, error=UserError)
@@ -90,11 +92,15 @@ class CocoDataModule(L.LightningDataModule):
         if stage in (None, "fit") and self.train_dataset is None:
             transforms = build_transforms(settings.augment_policy) if settings.augment else None
             self.train_dataset = CocoDataset(
-                settings.data_dir, settings.train_split, transforms, decode=settings.decode
+                settings.data_dir,
+                settings.train_split,
+                transforms,
+                decode=settings.decode,
+                masks=settings.masks,
             )
         if stage in (None, "fit", "validate") and self.val_dataset is None:
             self.val_dataset = CocoDataset(
-                settings.data_dir, settings.val_split, decode=settings.decode
+                settings.data_dir, settings.val_split, decode=settings.decode, masks=settings.masks
             )
         # The splits' COCO indexes are many small Python objects that live as long as the run:
         # out of the garbage collector's sight, forked DataLoader workers do not copy the pages

@@ -15,6 +15,10 @@ image pixels, xyxy. Definitions (pooled means: every box counts once, not every 
 - ``COCO_KEYS``: pycocotools ``COCOeval`` (bbox) ``stats[0:9]``. COCOeval's -1 ("undefined",
   e.g. no large objects) becomes NaN, which ``json.dump`` writes as ``NaN``; report writers
   should write ``null`` and must not average it.
+- ``SEGM_KEYS`` (only when asked for, ``masks=True``): the same nine stats of
+  ``COCOeval(iouType="segm")`` on the detections' instance masks. The results are scored
+  without their ``bbox``, as COCO's own segm results are, so a detection's area (for the
+  small/medium/large ranges) is its mask's. NaN for a run without masks.
 
 Crowd annotations (``iscrowd=1``) are left out of the ground truth of the IOU metrics; COCOeval
 treats them its own way.
@@ -37,12 +41,20 @@ from torchvision.ops import box_iou
 
 from coorddet.boxes import xywh_to_xyxy
 from coorddet.errors import UserError
-from coorddet.predictions import ImagePrediction, dedupe_records, to_coco_results
+from coorddet.masks import check_segmentation
+from coorddet.predictions import (
+    ImagePrediction,
+    check_segmentation_sizes,
+    dedupe_records,
+    has_segmentations,
+    to_coco_results,
+)
 
 COCO_KEYS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large",
              "mar_1", "mar_10", "mar_100")  # COCOeval.stats[0:9], in that order  # fmt: skip
 IOU_KEYS = ("rpn_iou", "det_iou", "gt_iou")
 METRIC_KEYS = COCO_KEYS + IOU_KEYS
+SEGM_KEYS = tuple(f"segm_{key}" for key in COCO_KEYS)  # COCOeval (segm), with masks=True
 
 
 class GroundTruth(NamedTuple):
@@ -136,17 +148,28 @@ def _mean(values: Tensor, *, empty: float) -> float:
 
 
 def coco_metrics(
-    coco_gt: COCO, results: list[dict[str, Any]], *, image_ids: Iterable[int] | None = None
+    coco_gt: COCO,
+    results: list[dict[str, Any]],
+    *,
+    image_ids: Iterable[int] | None = None,
+    iou_type: str = "bbox",
 ) -> dict[str, float]:
-    """COCOeval (bbox) ``COCO_KEYS`` over ``image_ids`` (default: every image of ``coco_gt``).
+    """COCOeval ``COCO_KEYS`` (``iou_type="bbox"``) or ``SEGM_KEYS`` (``"segm"``: the results'
+    ``segmentation`` RLEs, their ``bbox`` left out) over ``image_ids`` (default: every image of
+    ``coco_gt``).
 
     Results of other images are ignored. -1 (undefined) -> NaN. Empty ``results`` score 0 where
-    ground truth exists (NaN where undefined). Unknown image ids raise UserError.
+    ground truth exists (NaN where undefined). Unknown image ids, and for ``"segm"`` ground
+    truth without a well-formed ``segmentation``, raise UserError.
     """
+    keys = {"bbox": COCO_KEYS, "segm": SEGM_KEYS}[iou_type]
     ids = sorted({int(i) for i in (coco_gt.getImgIds() if image_ids is None else image_ids)})
     _check_known(coco_gt, ids + [r["image_id"] for r in results])
     if not ids:
-        return dict.fromkeys(COCO_KEYS, math.nan)
+        return dict.fromkeys(keys, math.nan)
+    if iou_type == "segm":
+        _check_mask_ground_truth(coco_gt, ids)
+        results = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
         if results:
             coco_dt = coco_gt.loadRes([dict(r) for r in results])  # loadRes adds keys in place
@@ -158,15 +181,28 @@ def coco_metrics(
                 "annotations": [],
             }
             coco_dt.createIndex()
-        evaluator = COCOeval(coco_gt, coco_dt, "bbox")
+        evaluator = COCOeval(coco_gt, coco_dt, iou_type)
         evaluator.params.imgIds = ids
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
     return {
-        k: math.nan if v < 0 else float(v)
-        for k, v in zip(COCO_KEYS, evaluator.stats[:9], strict=True)
+        k: math.nan if v < 0 else float(v) for k, v in zip(keys, evaluator.stats[:9], strict=True)
     }
+
+
+def _check_mask_ground_truth(coco_gt: COCO, image_ids: Iterable[int]) -> None:
+    """UserError unless every annotation of ``image_ids`` has a well-formed segmentation."""
+    for image_id in image_ids:
+        image = coco_gt.imgs[image_id]
+        for ann in coco_gt.imgToAnns.get(image_id, []):
+            where = f"ground truth annotation id {ann.get('id')}"
+            if "segmentation" not in ann:
+                raise UserError(
+                    f"{where} (image id {image_id}) has no 'segmentation': mask AP (segm_*) "
+                    "needs instance masks in the dataset"
+                )
+            check_segmentation(ann["segmentation"], image["height"], image["width"], where)
 
 
 def _check_known(coco_gt: COCO, image_ids: Iterable[int]) -> None:
@@ -183,15 +219,18 @@ def evaluate_records(
     image_ids: Iterable[int] | None = None,
     score_thresh: float = 0.5,
     detections: bool = True,
+    masks: bool = False,
 ) -> dict[str, float]:
-    """Every ``METRIC_KEYS`` value for ``records`` over ``image_ids`` (default: the records').
+    """Every ``METRIC_KEYS`` value for ``records`` over ``image_ids`` (default: the records'),
+    then with ``masks`` every ``SEGM_KEYS`` value (NaN when no record has segmentations).
 
     Records are deduplicated first. Images without a record count as having no detections.
     ``detections=False`` (an RPN-only detector): only ``rpn_iou``; the detection metrics
-    (``COCO_KEYS``, ``det_iou``, ``gt_iou``) are NaN, undefined.
+    (``COCO_KEYS``, ``det_iou``, ``gt_iou``, ``SEGM_KEYS``) are NaN, undefined.
     COCO metrics are computed from :func:`to_coco_results` (rounded), so re-scoring the written
     results file gives the same numbers.
     """
+    keys = METRIC_KEYS + (SEGM_KEYS if masks else ())
     records = dedupe_records(records)
     ids = sorted({int(r.image_id) for r in records} if image_ids is None else set(image_ids))
     _check_known(coco_gt, ids + [r.image_id for r in records])
@@ -199,10 +238,29 @@ def evaluate_records(
     if not detections:
         proposal = per_proposal_ious(records, gts)
         rpn_iou = math.nan if proposal is None else _mean(proposal, empty=0.0)
-        return {key: rpn_iou if key == "rpn_iou" else math.nan for key in METRIC_KEYS}
-    metrics = coco_metrics(coco_gt, to_coco_results(records), image_ids=ids)
+        return {key: rpn_iou if key == "rpn_iou" else math.nan for key in keys}
+    results = to_coco_results(records)
+    metrics = coco_metrics(coco_gt, results, image_ids=ids)
     metrics.update(iou_metrics(records, gts, score_thresh=score_thresh))
-    return {key: metrics[key] for key in METRIC_KEYS}
+    if masks:
+        metrics.update(_mask_metrics(coco_gt, records, results, ids))
+    return {key: metrics[key] for key in keys}
+
+
+def _mask_metrics(
+    coco_gt: COCO, records: list[ImagePrediction], results: list[dict[str, Any]], ids: list[int]
+) -> dict[str, float]:
+    """``SEGM_KEYS`` of ``records`` (their COCO ``results``); NaN when none has segmentations."""
+    if not has_segmentations(records):
+        return dict.fromkeys(SEGM_KEYS, math.nan)
+    for record in records:
+        if record.segmentations is None and len(record.boxes):
+            raise ValueError(f"image id {record.image_id}: detections without segmentations")
+    sizes = {
+        image_id: (image["height"], image["width"]) for image_id, image in coco_gt.imgs.items()
+    }
+    check_segmentation_sizes(records, sizes)
+    return coco_metrics(coco_gt, results, image_ids=ids, iou_type="segm")
 
 
 def finite_or_none(metrics: Mapping[str, float | None]) -> dict[str, float | None]:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from coorddet.checkpoint import CHECKPOINT_KEY
 from coorddet.evaluation.prediction import predict_batch
 from coorddet.evaluation.scoring import score
-from coorddet.metrics import METRIC_KEYS, finite_or_none
+from coorddet.metrics import METRIC_KEYS, SEGM_KEYS, finite_or_none
 from coorddet.models import is_rpn_only
 from coorddet.optim import build_optimizer, lr_factor
 from coorddet.predictions import ImagePrediction, has_segmentations, with_category_ids
@@ -247,5 +247,7 @@ def _to_lists(value: Any) -> Any:
 
 
 def final_metrics(module: DetectionModule) -> dict[str, float | None]:
-    """The last validation metrics under the pinned keys; ``None`` (JSON null) where undefined."""
-    return finite_or_none({key: module.last_metrics.get(key) for key in METRIC_KEYS})
+    """The last validation metrics under the pinned keys (and mask AP, ``SEGM_KEYS``, for a
+    detector with masks); ``None`` (JSON null) where undefined."""
+    keys = METRIC_KEYS + (SEGM_KEYS if SEGM_KEYS[0] in module.last_metrics else ())
+    return finite_or_none({key: module.last_metrics.get(key) for key in keys})

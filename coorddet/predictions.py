@@ -3,13 +3,14 @@
 An :class:`ImagePrediction` holds one image's detections and RPN proposals in original image
 pixels, xyxy; :mod:`coorddet.inference` makes them from a model, :func:`records_from_coco_results`
 from another detector's COCO results file, and :mod:`coorddet.metrics` scores them. The COCO
-results format (``image_id, category_id, bbox [x, y, w, h], score``) is converted here only.
+results format (``image_id, category_id, bbox [x, y, w, h], score``, and ``segmentation`` for
+instance masks) is converted here only.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,10 +19,12 @@ from torch import Tensor
 
 from coorddet.boxes import xywh_to_xyxy, xyxy_to_xywh
 from coorddet.errors import UserError
+from coorddet.masks import check_rle, encode, mask_box
 from coorddet.validate import is_int, is_number
 
 BOX_DECIMALS = 3  # COCO results: boxes to 1/1000 px,
 SCORE_DECIMALS = 5  # scores to 1e-5
+MASK_THRESHOLD = 0.5  # a mask probability above it is the object's (torchvision's reference)
 
 
 @dataclass
@@ -35,6 +38,9 @@ class ImagePrediction:
         labels: int64 ``(D,)`` COCO category ids.
         proposals: float32 ``(P, 4)`` xyxy RPN proposals (:func:`coorddet.inference.paper_proposals`),
             best objectness first; ``None`` when unknown (predictions from another detector).
+        segmentations: one compressed COCO RLE ``{"size": [h, w], "counts": str}`` per
+            detection, in the order of ``boxes``; ``None`` for a detector without masks. RLEs,
+            never full masks, so records stay small at any image size.
     """
 
     image_id: int
@@ -42,19 +48,24 @@ class ImagePrediction:
     scores: Tensor
     labels: Tensor
     proposals: Tensor | None = None
+    segmentations: list[dict[str, Any]] | None = None
 
     @classmethod
     def from_detections(
         cls, image_id: Any, detections: dict[str, Tensor], proposals: Tensor | None = None
     ) -> ImagePrediction:
         """A record on the CPU from one image's torchvision detections (``boxes``, ``scores``,
-        ``labels``) and optional proposals, both in original image pixels."""
+        ``labels``, and ``masks`` float ``(D, 1, H, W)`` probabilities when the detector has a
+        mask head) and optional proposals, all in original image pixels. Masks become RLEs of
+        their pixels above :data:`MASK_THRESHOLD`."""
+        masks = detections.get("masks")
         return cls(
             image_id=int(image_id),
             boxes=detections["boxes"].float().cpu(),
             scores=detections["scores"].float().cpu(),
             labels=detections["labels"].long().cpu(),
             proposals=None if proposals is None else proposals.float().cpu(),
+            segmentations=None if masks is None else encode(masks[:, 0] > MASK_THRESHOLD),
         )
 
     @classmethod
@@ -75,6 +86,11 @@ def with_category_ids(
     return [dataclasses.replace(r, labels=lookup[r.labels]) for r in records]
 
 
+def has_segmentations(records: Iterable[ImagePrediction]) -> bool:
+    """Whether any of ``records`` carries instance masks (segmentations)."""
+    return any(record.segmentations is not None for record in records)
+
+
 def dedupe_records(records: Iterable[ImagePrediction]) -> list[ImagePrediction]:
     """One record per image id (the first seen), sorted by id: drops DistributedSampler padding."""
     unique: dict[int, ImagePrediction] = {}
@@ -84,40 +100,59 @@ def dedupe_records(records: Iterable[ImagePrediction]) -> list[ImagePrediction]:
 
 
 def to_coco_results(records: Iterable[ImagePrediction]) -> list[dict[str, Any]]:
-    """Detections in the COCO results format: ``image_id, category_id, bbox [x, y, w, h], score``.
+    """Detections in the COCO results format: ``image_id, category_id, bbox [x, y, w, h], score``,
+    and ``segmentation`` (the record's RLE) for records that have segmentations.
 
     Boxes rounded to ``BOX_DECIMALS``, scores to ``SCORE_DECIMALS``.
     """
     results = []
     for record in records:
-        xywh = xyxy_to_xywh(record.boxes.double().reshape(-1, 4))
-        for box, score, label in zip(
-            xywh.tolist(), record.scores.tolist(), record.labels.tolist(), strict=True
+        xywh = xyxy_to_xywh(record.boxes.double().reshape(-1, 4)).tolist()
+        segmentations = record.segmentations or [None] * len(xywh)
+        for box, score, label, segmentation in zip(
+            xywh, record.scores.tolist(), record.labels.tolist(), segmentations, strict=True
         ):
-            results.append(
-                {
-                    "image_id": int(record.image_id),
-                    "category_id": int(label),
-                    "bbox": [round(value, BOX_DECIMALS) for value in box],
-                    "score": round(float(score), SCORE_DECIMALS),
-                }
-            )
+            result = {
+                "image_id": int(record.image_id),
+                "category_id": int(label),
+                "bbox": [round(value, BOX_DECIMALS) for value in box],
+                "score": round(float(score), SCORE_DECIMALS),
+            }
+            if segmentation is not None:
+                result["segmentation"] = dict(segmentation)
+            results.append(result)
     return results
 
 
 def records_from_coco_results(results: Any) -> list[ImagePrediction]:
     """COCO results (parsed JSON) -> records sorted by image id, no proposals.
 
-    Raises UserError naming the first malformed entry. Images without detections get no
-    record; :func:`coorddet.metrics.evaluate_records` ``image_ids=`` still counts them.
+    ``segmentation``, when the entries have one, must be an RLE ``{"size": [h, w], "counts"}``
+    (compressed, or uncompressed: compressed here); polygons are refused, since their masks
+    depend on rasterization details that differ between tools. Either every entry has one or
+    none has. An entry with a segmentation may leave out ``bbox`` (COCO's segm results do):
+    its box is then its mask's. Raises UserError naming the first malformed entry. Images
+    without detections get no record; :func:`coorddet.metrics.evaluate_records` ``image_ids=``
+    still counts them.
     """
     if not isinstance(results, list):
         raise UserError(
             f"COCO results must be a JSON list of detections, got {type(results).__name__}"
         )
+    masked = bool(results) and isinstance(results[0], dict) and "segmentation" in results[0]
     grouped: dict[int, list[dict[str, Any]]] = {}
     for index, result in enumerate(results):
+        if masked and isinstance(result, dict) and "segmentation" in result:
+            result = {**result, "segmentation": _checked_segmentation(index, result)}
+            if "bbox" not in result:
+                result["bbox"] = mask_box(result["segmentation"])
         _check_result(index, result)
+        if masked != ("segmentation" in result):
+            raise UserError(
+                f"detection #{index} {'lacks' if masked else 'has'} a 'segmentation' and "
+                f"detection #0 {'has' if masked else 'lacks'} one; give every detection a "
+                "segmentation (COCO RLE) or none"
+            )
         grouped.setdefault(result["image_id"], []).append(result)
     records = []
     for image_id in sorted(grouped):
@@ -129,9 +164,34 @@ def records_from_coco_results(results: Any) -> list[ImagePrediction]:
                 boxes=xywh_to_xyxy(xywh).float(),
                 scores=torch.tensor([float(e["score"]) for e in entries], dtype=torch.float32),
                 labels=torch.tensor([e["category_id"] for e in entries], dtype=torch.int64),
+                segmentations=[e["segmentation"] for e in entries] if masked else None,
             )
         )
     return records
+
+
+def check_segmentation_sizes(
+    records: Iterable[ImagePrediction], image_sizes: Mapping[int, tuple[int, int]]
+) -> None:
+    """UserError unless every segmentation is its image's ``(height, width)`` (by image id)."""
+    for record in records:
+        size = image_sizes.get(int(record.image_id))
+        for segmentation in record.segmentations or ():
+            if size is not None and tuple(segmentation["size"]) != tuple(size):
+                raise UserError(
+                    f"image id {record.image_id}: a segmentation of size {segmentation['size']} "
+                    f"(height, width) on an image of {list(size)}"
+                )
+
+
+def _checked_segmentation(index: int, result: dict[str, Any]) -> dict[str, Any]:
+    segmentation = result["segmentation"]
+    if isinstance(segmentation, list):
+        raise UserError(
+            f"detection #{index}: 'segmentation' is a polygon list; give masks as COCO RLE "
+            "{'size': [h, w], 'counts': ...} (pycocotools.mask.encode)"
+        )
+    return check_rle(segmentation, f"detection #{index}")
 
 
 def _check_result(index: int, result: Any) -> None:

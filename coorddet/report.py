@@ -6,7 +6,8 @@ builds the report in a hidden sibling folder and moves it into place whole.
 
 Metric values may be ``None`` (undefined, e.g. ``map_large`` when no digit is large, or
 ``rpn_iou`` for an outside detector without proposals): they are shown as ``-`` and never
-averaged as numbers.
+averaged as numbers. The rows are :data:`coorddet.metrics.METRIC_KEYS`, then the mask AP keys
+(:data:`coorddet.metrics.SEGM_KEYS`) when the runs were scored on masks.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from coorddet.fileio import named
-from coorddet.metrics import METRIC_KEYS
+from coorddet.metrics import METRIC_KEYS, SEGM_KEYS
 
 Metrics = Mapping[str, float | None]
 
@@ -64,12 +65,20 @@ def aggregate(values: Sequence[float | None]) -> dict[str, Any]:
     return {"mean": mean, "std": std, "ci95": [mean - half, mean + half], "n": n}
 
 
+def metric_keys(columns: Mapping[str, Mapping[str, Any]]) -> tuple[str, ...]:
+    """The rows for ``columns`` (run or group -> metrics): ``METRIC_KEYS``, and ``SEGM_KEYS``
+    when any column has them (runs scored on masks)."""
+    masks = any(key in metrics for metrics in columns.values() for key in SEGM_KEYS)
+    return METRIC_KEYS + SEGM_KEYS if masks else METRIC_KEYS
+
+
 def aggregate_groups(
     runs: Mapping[str, Metrics], groups: Mapping[str, Sequence[str]]
 ) -> dict[str, dict[str, dict[str, Any]]]:
     """``{group: {metric: aggregate}}`` over the runs listed for each group."""
+    keys = metric_keys(runs)
     return {
-        group: {key: aggregate([runs[name].get(key) for name in names]) for key in METRIC_KEYS}
+        group: {key: aggregate([runs[name].get(key) for name in names]) for key in keys}
         for group, names in groups.items()
     }
 
@@ -107,7 +116,7 @@ def metrics_table(
     others = [n for n in compared if baseline is not None and n != baseline]
     header = ["metric", *names, *(f"{n} vs {baseline}" for n in others)]
     rows = []
-    for key in METRIC_KEYS:
+    for key in metric_keys(columns):
         cells = [key, *(format_number(columns[n].get(key)) for n in names)]
         cells += [
             format_percent(relative_change(columns[n].get(key), columns[baseline].get(key)))
@@ -140,7 +149,7 @@ def group_table(
     others = [n for n in names if baseline is not None and n != baseline]
     header = ["metric", *names, *(f"{n} vs {baseline}" for n in others)]
     rows = []
-    for key in METRIC_KEYS:
+    for key in metric_keys(groups):
         cells = [key, *(format_stats(groups[n][key]) for n in names)]
         cells += [
             format_percent(relative_change(groups[n][key]["mean"], groups[baseline][key]["mean"]))
@@ -179,7 +188,9 @@ def render_report(
         "rpn_iou: mean best IoU of the RPN's top proposals after NMS (the paper's metric); "
         "det_iou: mean best IoU of detections with score >= score_thresh; gt_iou: mean best "
         "same-class IoU of each ground-truth box (0 when missed); map*/mar*: pycocotools "
-        "COCOeval. Changes are relative to the baseline.",
+        "COCOeval"
+        + ("; segm_*: the same on instance masks" if metric_keys(runs) != METRIC_KEYS else "")
+        + ". Changes are relative to the baseline.",
         "",
     ]
     if plots:

@@ -1,15 +1,18 @@
 """Named augmentation policies for digit canvases; the only albumentations import.
 
-A policy is a callable ``transform(image=..., bboxes=..., labels=...) -> dict`` with
+A policy is a callable ``transform(image=..., bboxes=..., labels=..., masks=...) -> dict`` with
 
 - ``image``: ``(H, W)`` uint8 grayscale (returned with the same shape and dtype),
 - ``bboxes``: ``(K, 4)`` float, COCO ``[x, y, w, h]`` in pixels,
 - ``labels``: ``(K,)`` int, one per box,
+- ``masks`` (optional, ``K >= 1``): ``(K, H, W)`` uint8 instance masks, moved as the image
+  is (nearest neighbour) and never dropped,
 
 and the same keys on return. Boxes that leave the image are clipped to it by albumentations,
 and dropped when too little of them stays visible; their labels go with them. Nothing here
 changes a digit's identity: no flips, rotations or shears (a mirrored 2 or a turned 6 is
-another digit, or none).
+another digit, or none). :func:`augment` calls a policy for one dataset item and keeps its
+boxes, labels and masks aligned.
 
 Randomness: albumentations 2.x transforms draw from their own ``numpy.random.Generator`` and
 ``random.Random``, never from the global ``numpy``/``random``/``torch`` state, so
@@ -90,6 +93,39 @@ def build_transforms(policy: str, *, seed: int | None = None) -> Transform | Non
     if seed is not None:
         reseed(transform, seed)
     return transform
+
+
+def augment(
+    transform: Transform,
+    image: np.ndarray,
+    boxes: np.ndarray,
+    labels: np.ndarray,
+    masks: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """One item through ``transform``: ``(image, boxes, labels, masks)`` as the policy takes
+    them (``masks`` ``(K, H, W)`` uint8 or ``None``) -> the same, minus the dropped boxes.
+
+    albumentations drops boxes and their label fields but never masks, so the policy gets each
+    box's row number as its label; the surviving rows then pick the labels and masks.
+    Returns ``boxes`` float32 ``(K', 4)`` xywh, ``labels`` int64 ``(K',)``, ``masks`` uint8
+    ``(K', H', W')`` (``None`` without masks).
+    """
+    inputs = {"image": image, "bboxes": boxes, "labels": np.arange(len(labels))}
+    if masks is not None and len(masks):  # albumentations cannot take (0, H, W)
+        inputs["masks"] = masks
+    out = transform(**inputs)
+    kept = np.asarray(out["labels"], dtype=np.int64).reshape(-1)
+    if masks is not None:
+        if len(masks):
+            masks = np.asarray(out["masks"], dtype=np.uint8)[kept]
+        else:
+            masks = np.zeros((0, *out["image"].shape[:2]), dtype=np.uint8)
+    return (
+        out["image"],
+        np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4),
+        np.asarray(labels, dtype=np.int64)[kept],
+        masks,
+    )
 
 
 def reseed(transform: Transform, seed: int) -> None:

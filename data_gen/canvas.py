@@ -32,6 +32,12 @@ top-left ink pixel, ``w, h`` pixel counts (a one-pixel digit has ``w = h = 1``).
 box edge row/column therefore contains a pixel > :data:`INK_THRESHOLD` of that digit, and
 so of the final canvas.
 
+Masks (``Canvas.masks``) are the same visible ink as pixels: a digit's own layer >
+:data:`INK_THRESHOLD` inside the canvas. Digits are summed, never painted over each other, so
+no digit hides another's ink and masks of overlapping digits overlap. A visible box is its
+mask's tight box; a placement box keeps its rectangle while its mask is the ink the crop left
+(empty for a digit wholly outside).
+
 Regions (``--split-mode quadrant``): the canvas is split at ``canvas_size / 2``. For
 ``HELDOUT_QUADRANT`` (bottom-right) both the paste box centre and the visible box centre
 lie strictly right of and below the split, also in pixel-index terms (``x + (w - 1) / 2``).
@@ -82,12 +88,14 @@ class Canvas:
     ``image``: (S, S) uint8. ``boxes``: (K, 4) int64 ``[x, y, w, h]`` pixels: visible ink, or
     the unclipped paste rectangle (``CanvasSpec.boxes == PLACEMENT``).
     ``labels``: (K,) int64 digits 0..9. ``source_indices``: (K,) int64 rows of the source.
+    ``masks``: (K, S, S) bool, each digit's visible ink (its own layer > ``INK_THRESHOLD``).
     """
 
     image: np.ndarray
     boxes: np.ndarray
     labels: np.ndarray
     source_indices: np.ndarray
+    masks: np.ndarray
 
 
 class DigitBank:
@@ -164,6 +172,7 @@ def _attempt(rng, spec: CanvasSpec, bank: DigitBank, pool: np.ndarray) -> Canvas
     placement = spec.boxes == PLACEMENT
     kept_boxes: list[tuple[int, int, int, int]] = []
     kept_digits: list[int] = []
+    kept_ink: list[tuple[int, int, np.ndarray] | None] = []  # (top, left, visible ink) per digit
     for index, height, width, first_try in zip(chosen, heights, widths, first_tries, strict=True):
         layer_image = layer = mask = None
         for attempt in range(DIGIT_TRIES):
@@ -195,17 +204,16 @@ def _attempt(rng, spec: CanvasSpec, bank: DigitBank, pool: np.ndarray) -> Canvas
                     break  # too little ink left inside the canvas: erased
             if not _in_region(box, spec.region, size) or _too_close(box, kept_boxes, spec.max_iou):
                 continue
-            if outside:  # placement boxes only: annotated, nothing to draw
-                kept_boxes.append(box)
-                kept_digits.append(index)
+            kept_boxes.append(box)
+            kept_digits.append(index)
+            if outside:  # placement boxes only: annotated, nothing to draw, no ink
+                kept_ink.append(None)
                 break
             if layer is None:
                 layer = np.asarray(layer_image)
-            total[y0 + rows0 : y0 + rows1, x0 + cols0 : x0 + cols1] += layer[
-                rows0:rows1, cols0:cols1
-            ]
-            kept_boxes.append(box)
-            kept_digits.append(index)
+            visible = layer[rows0:rows1, cols0:cols1]
+            total[y0 + rows0 : y0 + rows1, x0 + cols0 : x0 + cols1] += visible
+            kept_ink.append((y0 + rows0, x0 + cols0, visible > INK_THRESHOLD))
             break
         else:
             return None
@@ -215,7 +223,18 @@ def _attempt(rng, spec: CanvasSpec, bank: DigitBank, pool: np.ndarray) -> Canvas
         boxes=np.asarray(kept_boxes, dtype=np.int64).reshape(-1, 4),
         labels=bank.labels[kept],
         source_indices=kept,
+        masks=_ink_masks(kept_ink, size),
     )
+
+
+def _ink_masks(kept_ink: list, size: int) -> np.ndarray:
+    """(K, size, size) bool: each digit's visible ink placed on the canvas (None: no ink)."""
+    masks = np.zeros((len(kept_ink), size, size), dtype=bool)
+    for mask, ink in zip(masks, kept_ink, strict=True):
+        if ink is not None:
+            top, left, visible = ink
+            mask[top : top + visible.shape[0], left : left + visible.shape[1]] = visible
+    return masks
 
 
 def _sample_position(uniforms, spec: CanvasSpec, height: int, width: int):

@@ -10,7 +10,8 @@ Layout under ``OUT`` (pinned; training, evaluation and outside COCO tools rely o
 COCO ids: image ``id = index + 1`` for ``file_name = f"{index:06d}.png"``, annotation ids
 1, 2, ... in image order (pycocotools' COCOeval treats id 0 as "unmatched"), category
 ``id = digit + 1`` with ``name = str(digit)``. ``bbox`` is ``[x, y, w, h]`` pixels and
-``area = w * h``.
+``area = w * h``; ``segmentation`` is the digit's visible ink as a COCO RLE (pycocotools'
+compressed ``{"size": [h, w], "counts": str}``), written after the other keys.
 
 Everything is built in ``OUT.parent/.{OUT.name}.tmp-<pid>`` and renamed into place at the
 end, so an interrupted or failed run never leaves a half-written dataset at ``OUT``; stale temp
@@ -28,6 +29,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+from pycocotools import mask as mask_utils
 
 from data_gen.errors import UserError
 
@@ -92,13 +94,28 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
+def encode_masks(masks: np.ndarray) -> list[dict]:
+    """(K, H, W) bool masks -> K COCO RLEs ``{"size": [H, W], "counts": str}``, JSON-ready."""
+    if not len(masks):
+        return []
+    # pycocotools wants (H, W, K) uint8 in Fortran order: each mask column-major
+    rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0), dtype=np.uint8))
+    return [{"size": rle["size"], "counts": rle["counts"].decode("ascii")} for rle in rles]
+
+
 def coco_document(
-    *, split: str, canvas_size: int, records: list[tuple[list, list]], version: str
+    *,
+    split: str,
+    canvas_size: int,
+    records: list[tuple[list, list]],
+    version: str,
+    segmentations: list[list[dict]] | None = None,
 ) -> dict:
     """COCO instances dict for one split.
 
     ``records[i]`` = (boxes: K lists ``[x, y, w, h]`` of int pixels, labels: K int digits)
-    of the canvas stored as ``image_file_name(i)``.
+    of the canvas stored as ``image_file_name(i)``; ``segmentations[i]``, when given, its K
+    RLEs (:func:`encode_masks`).
     """
     images, annotations = [], []
     for index, (boxes, labels) in enumerate(records):
@@ -111,17 +128,19 @@ def coco_document(
                 "height": canvas_size,
             }
         )
-        for (x, y, w, h), digit in zip(boxes, labels, strict=True):
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": image_id,
-                    "category_id": digit + 1,
-                    "bbox": [x, y, w, h],
-                    "area": w * h,
-                    "iscrowd": 0,
-                }
-            )
+        rles = segmentations[index] if segmentations is not None else [None] * len(boxes)
+        for (x, y, w, h), digit, rle in zip(boxes, labels, rles, strict=True):
+            annotation = {
+                "id": len(annotations) + 1,
+                "image_id": image_id,
+                "category_id": digit + 1,
+                "bbox": [x, y, w, h],
+                "area": w * h,
+                "iscrowd": 0,
+            }
+            if rle is not None:
+                annotation["segmentation"] = rle
+            annotations.append(annotation)
     return {
         "info": {
             "description": f"MNIST-detection, {split} split, written by data_gen",

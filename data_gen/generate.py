@@ -156,7 +156,8 @@ def _init_pool_worker(state: dict) -> None:
 
 
 def _render_chunk(task: tuple[str, int, int]) -> tuple[str, int, list]:
-    """Render canvases ``start..stop-1`` of ``split``, write their PNGs, return box records."""
+    """Render canvases ``start..stop-1`` of ``split``, write their PNGs, return their records:
+    ``(boxes, labels, source indices, ink RLEs)`` per canvas."""
     split, start, stop = task
     folder = _STATE["temp"] / split
     records = []
@@ -164,7 +165,12 @@ def _render_chunk(task: tuple[str, int, int]) -> tuple[str, int, list]:
         canvas = _render(_STATE, split, index)
         coco.write_bytes(folder / coco.image_file_name(index), coco.encode_png(canvas.image))
         records.append(
-            (canvas.boxes.tolist(), canvas.labels.tolist(), canvas.source_indices.tolist())
+            (
+                canvas.boxes.tolist(),
+                canvas.labels.tolist(),
+                canvas.source_indices.tolist(),
+                coco.encode_masks(canvas.masks),
+            )
         )
     return split, start, records
 
@@ -215,12 +221,14 @@ def _write_metadata(
         document = coco.coco_document(
             split=split,
             canvas_size=config.canvas_size,
-            records=[(boxes, labels) for boxes, labels, _ in records[split]],
+            records=[(boxes, labels) for boxes, labels, *_ in records[split]],
             version=GENERATOR_VERSION,
+            segmentations=[rles for *_, rles in records[split]],
         )
         coco.write_json(temp / "annotations" / f"instances_{split}.json", document)
     indices = {
-        split: sorted({i for _, _, used in records[split] for i in used}) for split in coco.SPLITS
+        split: sorted({i for _, _, used, _ in records[split] for i in used})
+        for split in coco.SPLITS
     }
     meta = {
         "generator": "data_gen",
@@ -233,6 +241,9 @@ def _write_metadata(
             "ink": f"pixel value > {INK_THRESHOLD}",
             "resize": "ink crop resized with PIL bilinear",
             "bbox": BOX_CONVENTIONS[config.boxes],
+            "segmentation": "COCO RLE (pycocotools, compressed counts) of the digit's visible "
+            "ink: its own layer's pixels > 0 inside the canvas; masks of overlapping digits "
+            "overlap",
             "min_visible": "digits keeping a smaller fraction of their ink pixels are erased"
             if config.boxes == VISIBLE
             else "not applied: every digit is kept and annotated",

@@ -156,14 +156,21 @@ def _compare(
     *,
     group: bool,
 ) -> Any:
-    """Predict with every checkpoint, add the outside runs, score them all: a Comparison."""
+    """Predict with every checkpoint, add the outside runs, score them all: a Comparison.
+    When any run has instance masks, every run is also scored on masks (``segm_*``)."""
     from coorddet.evaluation.prediction import predict
     from coorddet.evaluation.reporting import Comparison
     from coorddet.evaluation.scoring import score_runs
     from coorddet.models import is_rpn_only
-    from coorddet.predictions import with_category_ids
+    from coorddet.predictions import check_segmentation_sizes, with_category_ids
     from coorddet.report import aggregate_groups
 
+    image_sizes = {i: (image["height"], image["width"]) for i, image in dataset.coco.imgs.items()}
+    for _, path, records in outside_runs:  # before the checkpoints' inference: fail fast
+        try:
+            check_segmentation_sizes(records, image_sizes)
+        except UserError as error:
+            raise UserError(f"--predictions {path}: {error}") from None
     runs: dict[str, list[Any]] = {}
     sources: dict[str, str] = {}
     groups: dict[str, list[str]] = {}

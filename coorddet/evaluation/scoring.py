@@ -13,7 +13,7 @@ from typing import Any
 from pycocotools.coco import COCO
 
 from coorddet.metrics import evaluate_records, finite_or_none
-from coorddet.predictions import ImagePrediction
+from coorddet.predictions import ImagePrediction, has_segmentations
 
 
 def score(
@@ -21,8 +21,9 @@ def score(
 ) -> dict[str, float | None]:
     """Every metric of :data:`coorddet.metrics.METRIC_KEYS` for one run's ``records``, ``None``
     where undefined. ``options``: :func:`coorddet.metrics.evaluate_records`' ``image_ids``
-    (default: the records'), ``score_thresh`` (0.5) and ``detections`` (``False`` for a
-    detector without detections, e.g. ``rpn-only``: ``rpn_iou`` alone)."""
+    (default: the records'), ``score_thresh`` (0.5), ``detections`` (``False`` for a
+    detector without detections, e.g. ``rpn-only``: ``rpn_iou`` alone) and ``masks``
+    (``True``: also :data:`coorddet.metrics.SEGM_KEYS`, mask AP)."""
     return finite_or_none(evaluate_records(coco, records, **options))
 
 
@@ -35,8 +36,14 @@ def score_runs(
     without_detections: Collection[str] = (),
 ) -> dict[str, dict[str, float | None]]:
     """:func:`score` for each named run: ``{run: {metric: value or None}}``; the runs named in
-    ``without_detections`` are scored on their proposals alone."""
+    ``without_detections`` are scored on their proposals alone.
+
+    When any run has instance masks (segmentations), every run also gets the mask AP keys
+    (:data:`coorddet.metrics.SEGM_KEYS`, ``None`` for a run without masks), so all runs share
+    one set of keys; when none has, the keys are exactly :data:`coorddet.metrics.METRIC_KEYS`.
+    """
     ids = None if image_ids is None else list(image_ids)
+    masks = any(has_segmentations(records) for records in runs.values())
     return {
         name: score(
             coco,
@@ -44,6 +51,7 @@ def score_runs(
             image_ids=ids,
             score_thresh=score_thresh,
             detections=name not in without_detections,
+            masks=masks,
         )
         for name, records in runs.items()
     }
