@@ -185,7 +185,9 @@ def render_report(
     lines += ["## Runs", ""]
     lines += metrics_table(runs, baseline, compared) + [""]
     lines += [
-        "rpn_iou: mean best IoU of the RPN's top proposals after NMS (the paper's metric); "
+        "rpn_iou: mean best IoU of the RPN's top proposals after NMS (the paper's metric; "
+        "null for detectors without an RPN, such as RetinaNet, FCOS and SSDlite, and for "
+        "outside predictions, which carry no proposals); "
         "det_iou: mean best IoU of detections with score >= score_thresh; gt_iou: mean best "
         "same-class IoU of each ground-truth box (0 when missed); map*/mar*: pycocotools "
         "COCOeval"

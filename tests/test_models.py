@@ -355,7 +355,7 @@ def test_detectors_are_registered_builders():
     from coorddet.detectors import rpn_only
     from coorddet.models import list_detectors, register_detector
 
-    assert list_detectors()[:2] == ["faster-rcnn", "rpn-only"]
+    assert list_detectors()[0] == "faster-rcnn" and "rpn-only" in list_detectors()
 
     def tiny_rpn(*, image, anchors, proposals):  # a user's own detector: one short builder
         return rpn_only(image=image, anchors=anchors, proposals=proposals)
