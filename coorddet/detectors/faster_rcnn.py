@@ -67,8 +67,9 @@ def mask_rcnn(
     num_classes: int,
 ) -> GeneralizedRCNN:
     """Mask R-CNN: Faster R-CNN (the same weights for a seed) plus torchvision's mask branch:
-    RoIs pooled to 14x14, four 3x3 convs as wide as the backbone's maps, a 2x upsampling
-    predictor, one mask per class. Trains on targets' ``masks``; detections gain ``masks``."""
+    RoIs pooled to 14x14 (on ``mnist-small``'s one map: the box RoIs' size, 7x7), four 3x3
+    convs as wide as the backbone's maps, a 2x upsampling predictor, one mask per class.
+    Trains on targets' ``masks``; detections gain ``masks``."""
     return _two_stage(image, anchors, proposals, box_head, num_classes, masks=True)
 
 
@@ -153,8 +154,11 @@ def _roi_heads(
     mask_parts = {}
     if masks:  # built after the box parts: a seed gives Faster R-CNN's weights for those
         channels = body.out_channels
+        # torchvision's 14x14 mask RoIs on FPN maps; on a single stride-4 map (mnist-small) a
+        # digit spans a few cells, so the box RoIs' size serves and the head costs 4x less
+        mask_size = 14 if image.spec.feature_maps > 1 else size
         mask_parts = {
-            "mask_roi_pool": _align(image, options, 14),
+            "mask_roi_pool": _align(image, options, mask_size),
             "mask_head": MaskRCNNHeads(channels, (channels,) * 4, 1),
             "mask_predictor": MaskRCNNPredictor(channels, channels, num_classes),
         }
