@@ -94,3 +94,29 @@ def test_every_detector_trains_and_one_report_compares_them(tiny_dataset, tmp_pa
         assert (run["segm_map"] is None) == (detector != "mask-rcnn")  # masks: mask AP
     text = (report / "report.md").read_text()
     assert all(f"{detector}, CoordConv, seed 0" in text for detector in NEW)
+
+
+@pytest.mark.parametrize("detector", NEW)
+def test_new_detectors_take_an_imagenet_backbone(detector):
+    """With torchvision's FPN backbone for real data: colour images of two sizes, CoordConv at
+    the detector's default sites, one training step and detections."""
+    torch.manual_seed(0)
+    model = build_model(detector=detector, backbone="mobilenet-v3-fpn", coordconv=True,
+                        num_classes=3, min_size=96, max_size=128, box_score_thresh=0.0)  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
+    images = [
+        torch.rand(3, 96, 128, generator=generator),
+        torch.rand(3, 80, 80, generator=generator),
+    ]
+    _, (target, _) = _batch()
+    targets = []
+    for image in images:
+        masks = torch.zeros(2, *image.shape[-2:], dtype=torch.uint8)
+        masks[:, 10:40, 10:40] = 1
+        targets.append({**target, "labels": torch.tensor([1, 2]), "masks": masks})
+    losses = model.train()(images, targets)
+    assert all(torch.isfinite(loss) for loss in losses.values())
+    sum(losses.values()).backward()
+    with torch.no_grad():
+        detections = model.eval()(images)
+    assert len(detections) == 2 and len(detections[0]["boxes"]) > 0
