@@ -176,7 +176,6 @@ def _compare(
     groups: dict[str, list[str]] = {}
     without_detections: set[str] = set()  # RPN-only: rpn_iou alone, detection metrics null
     baseline = None
-    sizes = {(image["width"], image["height"]) for image in dataset.coco.imgs.values()}
     for checkpoint in loaded:
         group_name = re.sub(r"[^A-Za-z0-9._+-]+", "_", checkpoint.name).lstrip("._-") or "run"
         name = unique_name(group_name, checkpoint.seed, list(runs))
@@ -185,7 +184,7 @@ def _compare(
             without_detections.add(name)
         records = predict(model, dataset, label=name, **inference)
         runs[name] = with_category_ids(records, checkpoint.category_ids)
-        sources[name] = f"`{checkpoint.path}` ({checkpoint.describe(sizes)})"
+        sources[name] = f"`{checkpoint.path}` ({checkpoint.describe(dataset.image_sizes)})"
         groups.setdefault(group_name, []).append(name)
         if baseline is None and not checkpoint.coordconv:
             baseline = name
