@@ -79,13 +79,18 @@ class LoadedCheckpoint:
 
     def describe(self, image_sizes: set[tuple[int, int]]) -> str:
         """``CoordConv, seed 0`` (``retinanet, CoordConv, seed 0`` for detectors other than
-        Faster R-CNN), plus a note when the model resizes images of these
+        Faster R-CNN; ``CoordConv, seed 0, batch extent`` for the batch-extent ablation), plus
+        a note when the model keeps images at their own size or resizes images of these
         ``(width, height)`` sizes (torchvision's rule with its ``min_size``/``max_size``)."""
         model = self.config["model"]
         text = f"{'CoordConv' if self.coordconv else 'no CoordConv'}, seed {self.seed}"
         detector = model.get("detector", "faster-rcnn")
         if detector != "faster-rcnn":  # the default goes unsaid, as in reports before
             text = f"{detector}, {text}"
+        if self.coordconv and model.get("coordconv_extent", "image") != "image":
+            text += f", {model['coordconv_extent']} extent"
+        if model.get("keep_image_size"):
+            return text + "; images at their own size"
         canvas = model.get("canvas_size")
         low, high = model.get("min_size") or canvas, model.get("max_size") or canvas
         if low is None or high is None:

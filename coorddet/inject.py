@@ -20,7 +20,9 @@ the one tensor serves every pyramid level. The tensor is a plain attribute
 (``coordconv_image_extent`` on both hooked modules), not a buffer: not in the ``state_dict``,
 not moved by ``.to()``; ``copy.deepcopy`` and ``torch.save`` keep it shared within the copy.
 Both hooks are TorchScript-compatible. One model object must not run forwards from several
-threads at once (they would share the tensor).
+threads at once (they would share the tensor). ``extent="batch"`` leaves the layers without the
+shared tensor: their coordinates then span the padded batch tensor, as other implementations'
+do, so a pixel's coordinates depend on its batch-mates (an ablation).
 """
 
 from __future__ import annotations
@@ -136,6 +138,7 @@ RoI-relative), ``head-cls`` (a one-stage detector's classification tower and log
 DEFAULT_SITES = ("backbone-stem", "rpn-head", "rpn-box")
 """The paper's placement for detection: at the input, in the RPN, before its box regressor."""
 
+EXTENTS = ("image", "batch")  # what image-aligned coordinates span: each image, or the batch
 EXTENT_ATTRIBUTE = "coordconv_image_extent"  # on the table's transform and extent_ends_at
 
 
@@ -223,7 +226,10 @@ def _shared_extent(model: nn.Module, table: SiteTable) -> Tensor:
 
 
 def inject_coordconv(
-    model: nn.Module, sites: Iterable[str] | str = DEFAULT_SITES, with_r: bool = False
+    model: nn.Module,
+    sites: Iterable[str] | str = DEFAULT_SITES,
+    with_r: bool = False,
+    extent: str = "image",
 ) -> list[str]:
     """Replace the ``nn.Conv2d`` modules at ``sites`` with ``CoordConv2d.from_conv`` copies.
 
@@ -239,14 +245,18 @@ def inject_coordconv(
         model: the detector, changed in place.
         sites: names from :data:`SITES` (a single name is accepted as a string).
         with_r: also add the radius channel.
+        extent: ``"image"``: image-aligned coordinates span each image's own extent in the
+            padded batch; ``"batch"``: the whole padded tensor (:data:`EXTENTS`).
 
     Returns:
         The qualified module names replaced, in model order (e.g. ``"backbone.body.conv1"``).
 
     Raises:
         ValueError: an unknown site name (the message lists the valid ones), a model of an
-            unknown family, or a site with no conv in this model.
+            unknown family, a site with no conv in this model, or an unknown ``extent``.
     """
+    if extent not in EXTENTS:
+        raise ValueError(f"unknown CoordConv extent {extent!r}; valid: {', '.join(EXTENTS)}")
     site_list = check_sites(sites)
     table = site_table(model)
     chosen: dict[str, bool] = {}  # name -> image-aligned
@@ -261,13 +271,14 @@ def inject_coordconv(
         chosen.update(dict.fromkeys(names, table.sites[site].image_aligned))
     modules = dict(model.named_modules())
     replaced = []
-    extent = _shared_extent(model, table) if any(chosen.values()) else None
+    per_image = extent == "image" and any(chosen.values())
+    shared = _shared_extent(model, table) if per_image else None
     for name in modules:  # model order
         if name not in chosen or isinstance(modules[name], CoordConv2d):
             continue
         layer = CoordConv2d.from_conv(modules[name], with_r=with_r)
-        if chosen[name]:
-            layer.image_extent = extent
+        if chosen[name] and shared is not None:
+            layer.image_extent = shared
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, layer)
         replaced.append(name)

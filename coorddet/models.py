@@ -34,7 +34,7 @@ from coorddet.detectors import (
     rpn_only,
     ssdlite,
 )
-from coorddet.inject import DEFAULT_SITES, check_sites, inject_coordconv
+from coorddet.inject import DEFAULT_SITES, EXTENTS, check_sites, inject_coordconv
 from coorddet.released import NoRoIHeads
 from coorddet.validate import check_choice, check_int
 
@@ -123,6 +123,7 @@ def build_model(
     coordconv: bool = False,
     coordconv_sites: Sequence[str] | None = None,
     with_r: bool = False,
+    coordconv_extent: str = "image",
     **options: Any,
 ) -> nn.Module:
     """Build the detector ``detector`` for gray or colour images, with or without CoordConv.
@@ -137,6 +138,10 @@ def build_model(
         coordconv, coordconv_sites, with_r: inject CoordConv at these sites
             (:data:`coorddet.inject.SITES`; ``None``: :func:`default_sites`) after building
             the baseline.
+        coordconv_extent: what the coordinates of image-aligned layers span in a
+            zero-padded batch: ``"image"`` (each image's own extent, so a pixel's coordinates
+            never depend on its batch-mates) or ``"batch"`` (the padded tensor, as other
+            CoordConv implementations do; an ablation arm). :data:`coorddet.inject.EXTENTS`.
         options: the remaining ``model:`` config keys, sorted into
             :mod:`coorddet.detectors.options`' groups (which document them): the backbone and
             image sizes, anchors, RPN and box-head settings, the released anchor layout.
@@ -155,11 +160,12 @@ def build_model(
     if coordconv and not sites:
         raise ValueError("coordconv_sites=[] is not valid with coordconv=True; name sites")
     check_int("num_classes", num_classes, minimum=2)
+    check_choice("coordconv_extent", coordconv_extent, EXTENTS)
     builder = _builder(detector, rpn)
     arguments = {**groups, "num_classes": num_classes}
     model = builder(**{name: arguments[name] for name in inspect.signature(builder).parameters})
     if coordconv:
-        inject_coordconv(model, sites, with_r=with_r)
+        inject_coordconv(model, sites, with_r=with_r, extent=coordconv_extent)
     # NHWC convolutions, pooling and RoIAlign: faster on CPU (see docs/speed.md), and RoI
     # features need no transpose for the box head.
     return model.to(memory_format=torch.channels_last)

@@ -19,6 +19,7 @@ from data_gen.canvas import BOX_KINDS
 from data_gen.config import MAX_WORKERS, SOURCES, SPLIT_MODES, GeneratorConfig
 from data_gen.errors import UserError
 from data_gen.generate import generate
+from data_gen.labels import LABELINGS
 
 DESCRIPTION = """\
 Scatter MNIST digits on blank canvases and write a COCO-format detection dataset:
@@ -89,7 +90,13 @@ def _add_source_flags(add: Callable[..., argparse.Action]) -> None:
 
 
 def _add_canvas_flags(add: Callable[..., argparse.Action]) -> None:
-    add("--canvas-size", type=int, default=64, metavar="PX", help="side of the square canvas")
+    add(
+        "--canvas-size",
+        default="64",
+        metavar="PX|LO-HI",
+        help="side of the square canvas; a range like 48-96 draws each canvas's side from it, "
+        "so a split mixes sizes and batches are padded",
+    )
     add(
         "--digits-per-image",
         default="5",
@@ -131,6 +138,14 @@ def _add_canvas_flags(add: Callable[..., argparse.Action]) -> None:
         choices=SPLIT_MODES,
         help="'quadrant': train/val digit centres in the top-left, top-right and bottom-left "
         "quadrants, test centres only in the bottom-right one (generalization split)",
+    )
+    add(
+        "--labels",
+        default="digit",
+        choices=LABELINGS,
+        help="a box's category: its 'digit' (0-9), or 'position': the 2x2 region of the "
+        "canvas holding its centre (top-left, top-right, bottom-left, bottom-right; centres "
+        "within 2 px of a split line are iscrowd 1), which nothing in a digit's look tells",
     )
     add(
         "--boxes",

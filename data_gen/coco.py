@@ -2,14 +2,15 @@
 
 Layout under ``OUT`` (pinned; training, evaluation and outside COCO tools rely on it)::
 
-    OUT/train/000000.png ...   8-bit grayscale PNG, canvas_size x canvas_size
+    OUT/train/000000.png ...   8-bit grayscale PNG, canvas_size x canvas_size (its own size)
     OUT/val/...  OUT/test/...
     OUT/annotations/instances_{train,val,test}.json
     OUT/dataset.json
 
 COCO ids: image ``id = index + 1`` for ``file_name = f"{index:06d}.png"``, annotation ids
 1, 2, ... in image order (pycocotools' COCOeval treats id 0 as "unmatched"), category
-``id = digit + 1`` with ``name = str(digit)``. ``bbox`` is ``[x, y, w, h]`` pixels and
+``id = digit + 1`` with ``name = str(digit)`` (or the canvas region with ``--labels position``,
+:mod:`data_gen.labels`). ``bbox`` is ``[x, y, w, h]`` pixels and
 ``area = w * h``; ``segmentation`` is the digit's visible ink as a COCO RLE (pycocotools'
 compressed ``{"size": [h, w], "counts": str}``), written after the other keys.
 
@@ -32,6 +33,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from data_gen.errors import UserError
+from data_gen.labels import categories, category_ids
 
 SPLITS = ("train", "val", "test")
 # zlib run-length strategy: mostly-black canvases compress well with it, and faster than with
@@ -110,33 +112,33 @@ def coco_document(
     records: list[tuple[list, list]],
     version: str,
     segmentations: list[list[dict]] | None = None,
+    sizes: list[int] | None = None,
+    labels: str = "digit",
 ) -> dict:
     """COCO instances dict for one split.
 
     ``records[i]`` = (boxes: K lists ``[x, y, w, h]`` of int pixels, labels: K int digits)
     of the canvas stored as ``image_file_name(i)``; ``segmentations[i]``, when given, its K
-    RLEs (:func:`encode_masks`).
+    RLEs (:func:`encode_masks`). ``sizes[i]``: that canvas's side (default: ``canvas_size``
+    for every canvas). ``labels``: what a category is (:mod:`data_gen.labels`).
     """
     images, annotations = [], []
-    for index, (boxes, labels) in enumerate(records):
+    for index, (boxes, digits) in enumerate(records):
         image_id = index + 1
+        size = canvas_size if sizes is None else sizes[index]
         images.append(
-            {
-                "id": image_id,
-                "file_name": image_file_name(index),
-                "width": canvas_size,
-                "height": canvas_size,
-            }
+            {"id": image_id, "file_name": image_file_name(index), "width": size, "height": size}
         )
         rles = segmentations[index] if segmentations is not None else [None] * len(boxes)
-        for (x, y, w, h), digit, rle in zip(boxes, labels, rles, strict=True):
+        ids, crowd = category_ids(labels, boxes, digits, size)
+        for (x, y, w, h), category, is_crowd, rle in zip(boxes, ids, crowd, rles, strict=True):
             annotation = {
                 "id": len(annotations) + 1,
                 "image_id": image_id,
-                "category_id": digit + 1,
+                "category_id": category,
                 "bbox": [x, y, w, h],
                 "area": w * h,
-                "iscrowd": 0,
+                "iscrowd": is_crowd,
             }
             if rle is not None:
                 annotation["segmentation"] = rle
@@ -150,9 +152,7 @@ def coco_document(
         "licenses": [],
         "images": images,
         "annotations": annotations,
-        "categories": [
-            {"id": digit + 1, "name": str(digit), "supercategory": "digit"} for digit in range(10)
-        ],
+        "categories": categories(labels),
     }
 
 

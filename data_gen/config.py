@@ -12,6 +12,7 @@ from pathlib import Path
 
 from data_gen.canvas import BOX_KINDS
 from data_gen.errors import UserError
+from data_gen.labels import LABELINGS
 
 SOURCES = ("bundled", "mnist")
 SPLIT_MODES = ("uniform", "quadrant")
@@ -61,6 +62,11 @@ class GeneratorConfig:
     ``crop_from``: side of the field digits are placed on before the centre crop to
     ``canvas_size``; 0 = no field, every digit lies fully inside the canvas; None = the
     paper's ratio, 120 for a 64 px canvas (``round(canvas_size * 15 / 8)``).
+    ``canvas_size``: one side for every canvas, or ``(low, high)`` (``"48-96"``): each canvas
+    draws its side from that inclusive range, so a split mixes square sizes (with
+    ``crop_from`` None, each canvas's field then keeps the paper's ratio to its own side).
+    ``labels``: a box's category is its ``digit`` or its canvas region (``position``,
+    :mod:`data_gen.labels`).
     ``max_iou``: largest IoU allowed between two digits' boxes (1.0 allows any overlap).
     ``min_visible``: digits keeping a smaller fraction of their ink pixels after the crop
     are erased. ``boxes``: "visible" (tight box of the visible ink) or "placement" (the
@@ -75,7 +81,7 @@ class GeneratorConfig:
     source: str = "bundled"
     mnist_root: Path | None = None
     download: bool = False
-    canvas_size: int = 64
+    canvas_size: int | tuple[int, int] = 64
     digits_per_image: tuple[int, int] = (5, 5)
     digit_size: tuple[int, int] = (15, 25)
     crop_from: int | None = None
@@ -83,6 +89,7 @@ class GeneratorConfig:
     min_visible: float = 0.25
     split_mode: str = "uniform"
     boxes: str = "visible"
+    labels: str = "digit"
     train: int = 9000
     val: int = 1000
     test: int = 1000
@@ -94,6 +101,8 @@ class GeneratorConfig:
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise once, here
         set_(self, "out", Path(self.out))
+        low, high = parse_range(self.canvas_size, flag="--canvas-size")
+        set_(self, "canvas_size", low if low == high else (low, high))
         if self.mnist_root is not None:
             set_(self, "mnist_root", Path(self.mnist_root))
         set_(
@@ -102,7 +111,7 @@ class GeneratorConfig:
         set_(self, "digit_size", parse_range(self.digit_size, flag="--digit-size"))
         if self.workers is None:
             set_(self, "workers", default_workers())
-        if self.crop_from is None and isinstance(self.canvas_size, int):
+        if self.crop_from is None and low == high:
             set_(self, "crop_from", round(self.canvas_size * FIELD_RATIO))
         self._validate()
 
@@ -117,9 +126,15 @@ class GeneratorConfig:
             raise UserError(f"unknown --boxes {self.boxes!r}; choose {' or '.join(BOX_KINDS)}")
         if self.split_mode not in SPLIT_MODES:
             raise UserError(f"unknown --split-mode {self.split_mode!r}; choose uniform or quadrant")
+        if self.labels not in LABELINGS:
+            raise UserError(f"unknown --labels {self.labels!r}; choose {' or '.join(LABELINGS)}")
+        if self.labels == "position" and self.split_mode == "quadrant":
+            raise UserError(
+                "--labels position with --split-mode quadrant: the test split's one region "
+                "would be a category never seen in training; use --split-mode uniform"
+            )
         for flag, value in (
-            ("--canvas-size", self.canvas_size),
-            ("--crop-from", self.crop_from),
+            ("--crop-from", 0 if self.crop_from is None else self.crop_from),
             ("--train", self.train),
             ("--val", self.val),
             ("--test", self.test),
@@ -129,10 +144,9 @@ class GeneratorConfig:
         ):
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise UserError(f"{flag} must be a non-negative integer, got {value!r}")
-        if not 1 <= self.canvas_size <= MAX_CANVAS_SIZE:
-            raise UserError(
-                f"--canvas-size must be in 1..{MAX_CANVAS_SIZE}, got {self.canvas_size}"
-            )
+        low, high = self.canvas_sizes
+        if low < 1 or high > MAX_CANVAS_SIZE:
+            raise UserError(f"--canvas-size must be in 1..{MAX_CANVAS_SIZE}, got {low}-{high}")
         if self.workers < 1:
             raise UserError(f"--workers must be at least 1, got {self.workers}")
         if self.train + self.val + self.test == 0:
@@ -157,12 +171,16 @@ class GeneratorConfig:
         low, high = self.digit_size
         if low < 1:
             raise UserError(f"--digit-size must be at least 1 px, got {low}-{high}")
-        if self.crop_from and self.crop_from < self.canvas_size:
+        smallest, largest = self.canvas_sizes
+        if self.crop_from and self.crop_from < largest:
             raise UserError(
-                f"--crop-from {self.crop_from} is smaller than --canvas-size {self.canvas_size}; "
+                f"--crop-from {self.crop_from} is smaller than --canvas-size {largest}; "
                 "use 0 (no crop) or a field at least as large as the canvas"
             )
-        field = self.crop_from or self.canvas_size
+        if self.crop_from is None:  # mixed sizes: each canvas's field keeps the paper's ratio
+            field = round(smallest * FIELD_RATIO)
+        else:
+            field = self.crop_from or smallest
         if high > field:
             where = (
                 f"--crop-from {self.crop_from}"
@@ -171,10 +189,21 @@ class GeneratorConfig:
             )
             raise UserError(f"--digit-size {low}-{high} does not fit in {where} = {field} px")
 
+    @property
+    def canvas_sizes(self) -> tuple[int, int]:
+        """``(low, high)`` canvas side, inclusive; equal for one size."""
+        size = self.canvas_size
+        return (size, size) if isinstance(size, int) else size
+
     def parameters(self) -> dict:
-        """The output-defining settings, JSON-ready (no paths, workers or overwrite)."""
+        """The output-defining settings, JSON-ready (no paths, workers or overwrite). Digit
+        labels are not named (datasets from before ``--labels`` keep their bytes)."""
         skip = {"out", "mnist_root", "download", "workers", "overwrite"}
+        if self.labels == "digit":
+            skip.add("labels")
         params = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+        if not isinstance(self.canvas_size, int):
+            params["canvas_size"] = list(self.canvas_size)
         params["digits_per_image"] = list(self.digits_per_image)
         params["digit_size"] = list(self.digit_size)
         return params

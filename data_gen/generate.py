@@ -2,7 +2,8 @@
 
 Determinism: canvas ``i`` of split ``s`` is drawn from its own generator,
 ``np.random.default_rng([seed, SPLIT_IDS[s], i])``, so the output is byte-identical for
-any ``workers``. Workers each render a chunk of canvases and write their PNGs; the parent
+any ``workers``. With mixed canvas sizes, the canvas's side is that generator's first draw;
+with one size nothing is drawn for it, so such datasets keep their bytes. Workers each render a chunk of canvases and write their PNGs; the parent
 assembles the COCO JSON in index order.
 """
 
@@ -15,7 +16,7 @@ import multiprocessing
 import signal
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +33,9 @@ from data_gen.canvas import (
     DigitBank,
     render_canvas,
 )
-from data_gen.config import GeneratorConfig
+from data_gen.config import FIELD_RATIO, GeneratorConfig
 from data_gen.errors import UserError
+from data_gen.labels import rule
 from data_gen.locking import hold_folder
 from data_gen.preview import write_preview
 from data_gen.sources import DigitSource, load_source
@@ -99,7 +101,8 @@ def _generate(config: GeneratorConfig, progress: bool, started: float) -> Genera
         records = _render_all(state, counts, config.workers, progress)
         _write_metadata(temp, config, source, records)
         if config.preview:
-            write_preview(temp / "train", records["train"][: config.preview], temp / "preview.png")
+            write_preview(temp / "train", records["train"][: config.preview],
+                          temp / "preview.png", labels=config.labels)  # fmt: skip
         coco.check_output_dir(config.out, overwrite=config.overwrite)  # filled meanwhile?
         coco.publish(temp, config.out)
     except OSError as err:  # a fault, not a usage error: main() prints one line, exit 1
@@ -122,6 +125,10 @@ def _render_state(config: GeneratorConfig, source: DigitSource) -> dict:
     quadrant = config.split_mode == "quadrant"
     # every canvas setting but the region is the config field of the same name
     base = {f.name: getattr(config, f.name) for f in fields(CanvasSpec) if f.name != "region"}
+    smallest, _ = config.canvas_sizes
+    base["canvas_size"] = smallest  # mixed sizes: each canvas replaces it (_render)
+    if base["crop_from"] is None:
+        base["crop_from"] = round(smallest * FIELD_RATIO)
     train_spec = CanvasSpec(**base, region=THREE_QUADRANTS if quadrant else ANYWHERE)
     test_spec = CanvasSpec(**base, region=HELDOUT_QUADRANT if quadrant else ANYWHERE)
     return {
@@ -129,12 +136,21 @@ def _render_state(config: GeneratorConfig, source: DigitSource) -> dict:
         "seed": config.seed,
         "pools": {"train": source.train_pool, "val": source.train_pool, "test": source.test_pool},
         "specs": {"train": train_spec, "val": train_spec, "test": test_spec},
+        "sizes": config.canvas_sizes,
+        "crop_from": config.crop_from,  # None: each canvas's field scales with its side
     }
 
 
 def _render(state: dict, split: str, index: int):
     rng = np.random.default_rng([state["seed"], SPLIT_IDS[split], index])
-    return render_canvas(rng, state["specs"][split], bank=state["bank"], pool=state["pools"][split])
+    spec = state["specs"][split]
+    low, high = state["sizes"]
+    if low != high:
+        size = int(rng.integers(low, high + 1))
+        crop_from = state["crop_from"]
+        field = round(size * FIELD_RATIO) if crop_from is None else crop_from
+        spec = replace(spec, canvas_size=size, crop_from=field)
+    return render_canvas(rng, spec, bank=state["bank"], pool=state["pools"][split])
 
 
 def _init_worker(state: dict) -> None:
@@ -157,7 +173,7 @@ def _init_pool_worker(state: dict) -> None:
 
 def _render_chunk(task: tuple[str, int, int]) -> tuple[str, int, list]:
     """Render canvases ``start..stop-1`` of ``split``, write their PNGs, return their records:
-    ``(boxes, labels, source indices, ink RLEs)`` per canvas."""
+    ``(boxes, labels, source indices, ink RLEs, side)`` per canvas."""
     split, start, stop = task
     folder = _STATE["temp"] / split
     records = []
@@ -170,6 +186,7 @@ def _render_chunk(task: tuple[str, int, int]) -> tuple[str, int, list]:
                 canvas.labels.tolist(),
                 canvas.source_indices.tolist(),
                 coco.encode_masks(canvas.masks),
+                canvas.image.shape[0],
             )
         )
     return split, start, records
@@ -217,17 +234,20 @@ def _pool_context():
 def _write_metadata(
     temp: Path, config: GeneratorConfig, source: DigitSource, records: dict
 ) -> None:
+    mixed = not isinstance(config.canvas_size, int)
     for split in coco.SPLITS:
         document = coco.coco_document(
             split=split,
-            canvas_size=config.canvas_size,
+            canvas_size=config.canvas_sizes[0],
             records=[(boxes, labels) for boxes, labels, *_ in records[split]],
             version=GENERATOR_VERSION,
-            segmentations=[rles for *_, rles in records[split]],
+            segmentations=[rles for _, _, _, rles, _ in records[split]],
+            sizes=[side for *_, side in records[split]] if mixed else None,
+            labels=config.labels,
         )
         coco.write_json(temp / "annotations" / f"instances_{split}.json", document)
     indices = {
-        split: sorted({i for _, _, used, _ in records[split] for i in used})
+        split: sorted({i for _, _, used, *_ in records[split] for i in used})
         for split in coco.SPLITS
     }
     meta = {
@@ -259,6 +279,14 @@ def _write_metadata(
         },
         "source_indices": "@SOURCE_INDICES@",
     }
+    if config.labels != "digit":
+        meta["conventions"]["labels"] = rule(config.labels)
+    if mixed:
+        low, high = config.canvas_sizes
+        meta["conventions"]["canvas_size"] = (
+            f"each canvas's side is drawn uniformly from {low}..{high} px (its generator's "
+            "first draw); its field (crop_from null) keeps the 120/64 ratio to that side"
+        )
     # one compact line per split keeps the file readable despite thousands of indices
     compact = ",\n".join(f'    "{s}": {json.dumps(indices[s])}' for s in coco.SPLITS)
     text = json.dumps(meta, indent=2).replace('"@SOURCE_INDICES@"', "{\n" + compact + "\n  }")

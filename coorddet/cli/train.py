@@ -69,9 +69,15 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Any, dict[str, Any]]:
         "backbone-stem,rpn-head,rpn-box (the paper's placement, the R-CNNs' default; "
         "one-stage detectors: backbone-stem,head-box)")  # fmt: skip
     add("--with-r", action=bool_flag, help="add the radius channel to CoordConv layers")
+    add("--coordconv-extent", choices=("image", "batch"), help="what image-aligned coordinates span in a "
+        "padded batch: each image's own extent ('image', the default) or the padded tensor "
+        "('batch', as other CoordConv implementations; an ablation)")  # fmt: skip
     add("--detector", help="faster-rcnn (default), mask-rcnn, retinanet, fcos, ssdlite or "
         "rpn-only")  # fmt: skip
     add("--backbone", help="mnist-small (default), resnet50-fpn or mobilenet-v3-fpn")
+    add("--keep-image-size", action=bool_flag, help="feed images at their own size, never "
+        "resized, so batches of mixed sizes are zero-padded (default: off: torchvision's "
+        "min_size/max_size resizing)")  # fmt: skip
     add(
         "--data",
         metavar="DIR",
@@ -109,7 +115,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Any, dict[str, Any]]:
     mapping = {
         "name": "name", "out": "out", "seed": "seed",
         "coordconv": "model.coordconv", "with_r": "model.with_r", "backbone": "model.backbone",
-        "detector": "model.detector",
+        "detector": "model.detector", "coordconv_extent": "model.coordconv_extent",
+        "keep_image_size": "model.keep_image_size",
         "data": "data.data_dir", "batch_size": "data.batch_size",
         "num_workers": "data.num_workers", "augment": "data.augment",
         "train_split": "data.train_split", "val_split": "data.val_split",

@@ -44,9 +44,11 @@ class ImageOptions:
     image_std: Sequence[float] | None = None
     backbone_padding: str = "same"
     backbone_init: str = "default"
+    keep_image_size: bool = False
 
     def __post_init__(self) -> None:
         check_choice("backbone", self.backbone, BACKBONES)
+        check_choice("keep_image_size", self.keep_image_size, (False, True))
         check_choice("backbone_padding", self.backbone_padding, PADDINGS)
         check_choice("backbone_init", self.backbone_init, BACKBONE_INITS)
         if self.backbone != "mnist-small" and (self.backbone_padding, self.backbone_init) != (

@@ -34,6 +34,16 @@ class GrayscaleTransform(GeneralizedRCNNTransform):
         return (image - mean[:, None, None]) / std[:, None, None]
 
 
+class KeepSizeTransform(GrayscaleTransform):
+    """:class:`GrayscaleTransform` that never resizes: images reach the backbone at their own
+    size and a batch of mixed sizes is zero-padded (``model.keep_image_size``)."""
+
+    def resize(
+        self, image: Tensor, target: dict[str, Tensor] | None = None
+    ) -> tuple[Tensor, dict[str, Tensor] | None]:
+        return image, target
+
+
 def backbone(image: ImageOptions) -> nn.Module:
     """The backbone network ``image.backbone``, with ``out_channels``; ``ValueError`` for
     ``pretrained=True`` without the weights file in the local cache (nothing downloads)."""
@@ -47,7 +57,9 @@ def backbone(image: ImageOptions) -> nn.Module:
 
 
 def transform(image: ImageOptions) -> GrayscaleTransform:
-    """Resizing (torchvision's ``min_size``/``max_size``), channels and normalisation."""
+    """Resizing (torchvision's ``min_size``/``max_size``; none with ``keep_image_size``),
+    channels and normalisation."""
     min_size, max_size = image.sizes
     mean, std = image.normalisation
-    return GrayscaleTransform(min_size, max_size, mean, std)
+    kind = KeepSizeTransform if image.keep_image_size else GrayscaleTransform
+    return kind(min_size, max_size, mean, std)
