@@ -55,6 +55,7 @@ from study import (
 from study import check_call as _check
 from study import duration as _duration
 
+from coorddet.errors import UserError
 from coorddet.fileio import write_atomic, write_json_atomic, write_text_atomic
 from coorddet.report import aggregate, format_number
 from coorddet.system import describe_machine
@@ -265,6 +266,14 @@ def summarize(cell: Cell, scores: dict[str, dict[str, Any]], seeds: list[int]) -
     }
 
 
+def _defining(results: dict[str, Any]) -> dict[str, Any]:
+    """What must match for a rerun to continue a study: its data, budget and threads (not the
+    seeds, which may grow, nor the runs at a time)."""
+    setup = results.get("setup", {})
+    keys = ("train", "val", "test", "epochs", "config", "threads")
+    return {"quick": results.get("quick"), **{key: setup.get(key) for key in keys}}
+
+
 def _difference(value: float | None, reference: float | None) -> float | None:
     return None if value is None or reference is None else value - reference
 
@@ -279,11 +288,14 @@ class Results:
         self.out = Path(args.out)
         path = self.out / f"{NAME}.json"
         old = json.loads(path.read_text()) if path.is_file() else {}
-        self.scores: dict[str, dict[str, Any]] = old.get("scores", {}) if not args.quick else {}
-        self.wall = old.get("wall_seconds", 0.0) if not args.quick else 0.0
+        if old and _defining(old) != _defining(self.setup()):
+            raise UserError(f"{path} holds a study with another setup ({_defining(old)}); "
+                            "rerun with those settings or choose another --out")  # fmt: skip
+        self.scores: dict[str, dict[str, Any]] = old.get("scores", {})
+        self.wall = old.get("wall_seconds", 0.0)
         self.started = time.monotonic()
         # the code of every sitting that trained runs (a study may span several)
-        commits = old.get("commits", []) if not args.quick else []
+        commits = old.get("commits", [])
         self.commits = list(dict.fromkeys([*commits, git_commit() or "not recorded"]))
 
     def add(self, run: Run, result: dict[str, Any], done: int, total: int) -> None:
@@ -297,19 +309,21 @@ class Results:
         write_json_atomic(self.out / f"{NAME}.json", payload)
         write_text_atomic(self.out / f"{NAME}.md", render_markdown(payload))
         plot_changes(payload, self.out / f"{NAME}.png")
+        readme = update_readme(payload) if self.out.resolve() == ROOT / "results" else None
         if self.args.commit and not self.args.quick:
-            self._commit(what)
+            self._commit(what, [readme] if readme else [])
+
+    def setup(self) -> dict[str, Any]:
+        """``quick`` and ``setup``: the settings of this sitting."""
+        keys = ("train", "val", "test", "epochs", "seeds", "config", "jobs", "threads")
+        return {"quick": self.args.quick, "setup": {key: getattr(self.args, key) for key in keys}}
 
     def payload(self) -> dict[str, Any]:
         args = self.args
         return {
             "command": self.command,
-            "quick": args.quick,
+            **self.setup(),
             "wall_seconds": round(self.wall + time.monotonic() - self.started, 1),
-            "setup": {
-                key: getattr(args, key)
-                for key in ("train", "val", "test", "epochs", "seeds", "config", "jobs", "threads")
-            },  # fmt: skip
             "datasets": {name: DATASETS[name] for name in DATASETS},
             "environment": describe_machine(),
             "commits": self.commits,
@@ -322,8 +336,9 @@ class Results:
             "scores": self.scores,
         }
 
-    def _commit(self, what: str) -> None:
+    def _commit(self, what: str, extra: list[Path]) -> None:
         files = [str(self.out / f"{NAME}.{ext}") for ext in ("json", "md", "png")]
+        files += [str(path) for path in extra]
         for attempt in range(5):  # another git command may hold the index for a moment
             added = subprocess.run(["git", "add", *files], cwd=ROOT, capture_output=True)
             done = added.returncode == 0 and subprocess.run(
@@ -465,9 +480,32 @@ def plot_changes(results: dict[str, Any], path: Path) -> None:
     plt.close(figure)
 
 
+README_BLOCK = ("<!-- where_it_helps summary: written by experiments/where_it_helps.py -->",
+                "<!-- /where_it_helps summary -->")  # fmt: skip
+
+
+def update_readme(results: dict[str, Any]) -> Path | None:
+    """Put :func:`summary_table` between the README's :data:`README_BLOCK` markers; the README
+    path if it changed. Never for a ``--quick`` study."""
+    path = ROOT / "README.md"
+    text = path.read_text()
+    start, end = README_BLOCK
+    if results["quick"] or start not in text or end not in text:
+        return None
+    head, rest = text.split(start, 1)
+    new = f"{head}{start}\n{summary_table(results)}\n{end}{rest.split(end, 1)[1]}"
+    if new == text:
+        return None
+    write_text_atomic(path, new)
+    return path
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    return study_main(args, NAME, render_markdown, lambda: run_study(args, argv))
+    code = study_main(args, NAME, render_markdown, lambda: run_study(args, argv))
+    if args.render and (ROOT / args.out).resolve() == ROOT / "results":
+        update_readme(json.loads((ROOT / args.out / f"{NAME}.json").read_text()))
+    return code
 
 
 def run_study(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
@@ -476,10 +514,13 @@ def run_study(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     results = Results(args, study_command(f"{NAME}.py", argv), log)
     log(f"{len(runs)} runs: groups {', '.join(args.groups)}, seeds {args.seeds}, "
         f"{args.epochs} epochs, {args.train} train canvases")  # fmt: skip
-    if not results.scores:
+    if not (Path(args.out) / f"{NAME}.json").is_file():
         results.write("hypotheses and plan, before the first run")
     data = {name: dataset(name, args, log) for name in dict.fromkeys(r.cell.dataset for r in runs)}
     todo = [run for run in runs if run.key not in results.scores]
+    for run in runs:
+        if run.key in results.scores:
+            log(f"{run.key}: done earlier, kept")
     done, failed = len(runs) - len(todo), []
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = {pool.submit(train_and_score, run, data[run.cell.dataset], args, log): run
