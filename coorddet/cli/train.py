@@ -69,9 +69,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Any, dict[str, Any]]:
         "backbone-stem,rpn-head,rpn-box (the paper's placement, the R-CNNs' default; "
         "one-stage detectors: backbone-stem,head-box)")  # fmt: skip
     add("--with-r", action=bool_flag, help="add the radius channel to CoordConv layers")
-    add("--coordconv-extent", choices=("image", "batch"), help="what image-aligned coordinates span in a "
-        "padded batch: each image's own extent ('image', the default) or the padded tensor "
-        "('batch', as other CoordConv implementations; an ablation)")  # fmt: skip
+    add("--coordconv-extent", choices=("image", "batch"), help="what image-aligned "
+        "coordinates span in a padded batch: each image's own extent ('image', the default) "
+        "or the padded tensor ('batch', as other CoordConv implementations; an ablation)")  # fmt: skip
     add("--detector", help="faster-rcnn (default), mask-rcnn, retinanet, fcos, ssdlite or "
         "rpn-only")  # fmt: skip
     add("--backbone", help="mnist-small (default), resnet50-fpn or mobilenet-v3-fpn")
