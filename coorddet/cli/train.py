@@ -49,6 +49,23 @@ from coorddet.locking import hold_folder
 from coorddet.optim import OPTIMIZERS
 from coorddet.system import configure_process
 
+# flag (argparse dest) -> the config key it overrides
+FLAG_KEYS = {
+    "name": "name", "out": "out", "seed": "seed",
+    "coordconv": "model.coordconv", "with_r": "model.with_r", "backbone": "model.backbone",
+    "detector": "model.detector", "coordconv_extent": "model.coordconv_extent",
+    "keep_image_size": "model.keep_image_size",
+    "data": "data.data_dir", "batch_size": "data.batch_size",
+    "num_workers": "data.num_workers", "augment": "data.augment",
+    "train_split": "data.train_split", "val_split": "data.val_split",
+    "lr": "optim.lr", "optimizer": "optim.optimizer",
+    "max_epochs": "trainer.max_epochs", "accelerator": "trainer.accelerator",
+    "devices": "trainer.devices", "strategy": "trainer.strategy",
+    "num_nodes": "trainer.num_nodes", "precision": "trainer.precision",
+    "limit_train_batches": "trainer.limit_train_batches",
+    "limit_val_batches": "trainer.limit_val_batches",
+}  # fmt: skip
+
 
 def parse_args(argv: Sequence[str] | None) -> tuple[Any, dict[str, Any]]:
     """Return the parsed namespace and the config overrides it asks for (dotted keys)."""
@@ -112,22 +129,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Any, dict[str, Any]]:
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite contradict each other; pass one of them")
 
-    mapping = {
-        "name": "name", "out": "out", "seed": "seed",
-        "coordconv": "model.coordconv", "with_r": "model.with_r", "backbone": "model.backbone",
-        "detector": "model.detector", "coordconv_extent": "model.coordconv_extent",
-        "keep_image_size": "model.keep_image_size",
-        "data": "data.data_dir", "batch_size": "data.batch_size",
-        "num_workers": "data.num_workers", "augment": "data.augment",
-        "train_split": "data.train_split", "val_split": "data.val_split",
-        "lr": "optim.lr", "optimizer": "optim.optimizer",
-        "max_epochs": "trainer.max_epochs", "accelerator": "trainer.accelerator",
-        "devices": "trainer.devices", "strategy": "trainer.strategy",
-        "num_nodes": "trainer.num_nodes", "precision": "trainer.precision",
-        "limit_train_batches": "trainer.limit_train_batches",
-        "limit_val_batches": "trainer.limit_val_batches",
-    }  # fmt: skip
-    overrides = {key: getattr(args, flag) for flag, key in mapping.items()}
+    overrides = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items()}
     overrides = {key: value for key, value in overrides.items() if value is not None}
     if args.coordconv_sites is not None:
         overrides["model.coordconv_sites"] = [s for s in args.coordconv_sites.split(",") if s]
