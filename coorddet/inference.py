@@ -42,6 +42,7 @@ from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops import boxes as box_ops
 
+from coorddet.fp32_boxes import box_dtype
 from coorddet.predictions import ImagePrediction
 
 # --- detections and the paper's proposals ----------------------------------------------------
@@ -193,17 +194,29 @@ def _clip(boxes: Tensor, heights: Tensor, widths: Tensor) -> Tensor:
 
 def _bounds(image_shapes: list[tuple[int, int]], like: Tensor) -> tuple[Tensor, Tensor]:
     """(N,) heights and widths of ``image_shapes`` on ``like``'s device and dtype."""
-    heights = torch.tensor([shape[0] for shape in image_shapes], device=like.device)
-    widths = torch.tensor([shape[1] for shape in image_shapes], device=like.device)
+    heights = to_device([shape[0] for shape in image_shapes], like.device)
+    widths = to_device([shape[1] for shape in image_shapes], like.device)
     return heights.to(like.dtype), widths.to(like.dtype)
+
+
+def to_device(values: list[int], device: torch.device) -> Tensor:
+    """``torch.tensor(values, device=device)`` (int64) without waiting for the device: on a GPU
+    the list goes through pinned memory in an asynchronous copy, where ``torch.tensor(...,
+    device=...)`` would copy from pageable memory and block the host until the GPU catches
+    up. TorchScript takes the plain path."""
+    host = torch.tensor(values, dtype=torch.int64)
+    if device.type == "cpu" or torch.jit.is_scripting():
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def _padded(boxes: list[Tensor], like: Tensor) -> tuple[Tensor, Tensor]:
     """``boxes`` (K_i, 4) per image as one zero-padded (N, max K_i, 4) tensor of ``like``'s
-    dtype, and the (N, max K_i) mask of the real ones."""
-    counts = torch.tensor([b.shape[0] for b in boxes], device=like.device)
+    dtype (float32 at least: ground truth is never rounded to bf16), and the (N, max K_i)
+    mask of the real ones."""
+    counts = to_device([b.shape[0] for b in boxes], like.device)
     most = max([b.shape[0] for b in boxes] + [1])  # a row even when no image has boxes
-    padded = like.new_zeros((len(boxes), most, 4))
+    padded = like.new_zeros((len(boxes), most, 4), dtype=box_dtype(like.dtype))
     for image, image_boxes in enumerate(boxes):
         padded[image, : image_boxes.shape[0]] = image_boxes
     real = torch.arange(most, device=like.device)[None, :] < counts[:, None]
@@ -336,10 +349,12 @@ class BatchedRoIHeads(RoIHeads):
         device = class_logits.device
         num_classes = class_logits.shape[-1]
         counts = [boxes_in_image.shape[0] for boxes_in_image in proposals]
+        # float32 boxes under autocast (coorddet.fp32_boxes); a no-op in float32
+        box_regression = box_regression.to(box_dtype(box_regression.dtype))
         pred_boxes = self.box_coder.decode(box_regression, proposals)  # (R, classes, 4)
         pred_scores = F.softmax(class_logits, -1)
         heights, widths = _bounds(image_shapes, pred_boxes)
-        per_box = torch.tensor(counts, device=device)
+        per_box = to_device(counts, device)
         heights = heights.repeat_interleave(per_box)[:, None]
         widths = widths.repeat_interleave(per_box)[:, None]
         # Class 0 is the background: dropped, as torchvision does.
