@@ -21,6 +21,8 @@ from coorddet.errors import UserError
 from coorddet.transforms import POLICIES, build_transforms
 from coorddet.validate import check_choice, check_int
 
+MODEL_KEYS = frozenset({"boxes", "labels", "masks"})  # the target fields a detector reads
+
 
 def _seed_augmentation_worker(worker_id: int, *, rank: int) -> None:
     """DataLoader ``worker_init_fn``: give each worker (and each rank) its own augmentation stream.
@@ -143,11 +145,17 @@ class CocoDataModule(L.LightningDataModule):
         self, batch: Any, device: torch.device, dataloader_idx: int
     ) -> Any:
         """``(images, targets)`` moved tensor by tensor: Lightning's generic walk over the
-        nested lists and dicts costs time on every step, on CPU too, where nothing moves."""
+        nested lists and dicts costs time on every step, on CPU too, where nothing moves.
+        Asynchronous copies (from pinned memory with ``pin_memory``); the targets' fields the
+        detectors do not read (``image_id``, ``area``, ``iscrowd``) stay on the host, so that
+        reading an ``image_id`` never waits for the GPU."""
         images, targets = batch
         return (
             [image.to(device, non_blocking=True) for image in images],
-            [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets],
+            [
+                {k: v.to(device, non_blocking=True) if k in MODEL_KEYS else v for k, v in t.items()}
+                for t in targets
+            ],
         )
 
     def val_dataloader(self) -> DataLoader:

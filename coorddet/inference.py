@@ -42,6 +42,7 @@ from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops import boxes as box_ops
 
+from coorddet.device import ints_to_device
 from coorddet.fp32_boxes import box_dtype
 from coorddet.predictions import ImagePrediction
 
@@ -173,12 +174,11 @@ def predict_with_proposals(
             model, image_list, features, top_k=top_k, nms_iou=nms_iou,
             rpn_outputs={"head": outputs["head"], "anchors": outputs["anchor_generator"]},
         )  # fmt: skip
-    return [
-        ImagePrediction.from_detections(image_id, det, resize_boxes(props.float(), size, original))
-        for image_id, det, props, size, original in zip(
-            image_ids, detections, paper, sizes, original_sizes, strict=True
-        )
+    rescaled = [
+        resize_boxes(props.float(), size, original)
+        for props, size, original in zip(paper, sizes, original_sizes, strict=True)
     ]
+    return ImagePrediction.batch(image_ids, detections, rescaled)
 
 
 # --- batched post-processing (torchvision's, same outputs) ----------------------------------
@@ -194,27 +194,17 @@ def _clip(boxes: Tensor, heights: Tensor, widths: Tensor) -> Tensor:
 
 def _bounds(image_shapes: list[tuple[int, int]], like: Tensor) -> tuple[Tensor, Tensor]:
     """(N,) heights and widths of ``image_shapes`` on ``like``'s device and dtype."""
-    heights = to_device([shape[0] for shape in image_shapes], like.device)
-    widths = to_device([shape[1] for shape in image_shapes], like.device)
+    # asynchronous copies (coorddet.device): no host sync on a GPU
+    heights = ints_to_device([shape[0] for shape in image_shapes], like.device)
+    widths = ints_to_device([shape[1] for shape in image_shapes], like.device)
     return heights.to(like.dtype), widths.to(like.dtype)
-
-
-def to_device(values: list[int], device: torch.device) -> Tensor:
-    """``torch.tensor(values, device=device)`` (int64) without waiting for the device: on a GPU
-    the list goes through pinned memory in an asynchronous copy, where ``torch.tensor(...,
-    device=...)`` would copy from pageable memory and block the host until the GPU catches
-    up. TorchScript takes the plain path."""
-    host = torch.tensor(values, dtype=torch.int64)
-    if device.type == "cpu" or torch.jit.is_scripting():
-        return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
 
 
 def _padded(boxes: list[Tensor], like: Tensor) -> tuple[Tensor, Tensor]:
     """``boxes`` (K_i, 4) per image as one zero-padded (N, max K_i, 4) tensor of ``like``'s
     dtype (float32 at least: ground truth is never rounded to bf16), and the (N, max K_i)
     mask of the real ones."""
-    counts = to_device([b.shape[0] for b in boxes], like.device)
+    counts = ints_to_device([b.shape[0] for b in boxes], like.device)
     most = max([b.shape[0] for b in boxes] + [1])  # a row even when no image has boxes
     padded = like.new_zeros((len(boxes), most, 4), dtype=box_dtype(like.dtype))
     for image, image_boxes in enumerate(boxes):
@@ -354,7 +344,7 @@ class BatchedRoIHeads(RoIHeads):
         pred_boxes = self.box_coder.decode(box_regression, proposals)  # (R, classes, 4)
         pred_scores = F.softmax(class_logits, -1)
         heights, widths = _bounds(image_shapes, pred_boxes)
-        per_box = to_device(counts, device)
+        per_box = ints_to_device(counts, device)
         heights = heights.repeat_interleave(per_box)[:, None]
         widths = widths.repeat_interleave(per_box)[:, None]
         # Class 0 is the background: dropped, as torchvision does.
