@@ -294,8 +294,8 @@ def _train(
     L.seed_everything(config.seed, workers=True, verbose=not args.quiet)
     module = _build_module(config, resume)
     trainer = build_trainer(config, quiet=args.quiet, resume_command=resume_command(argv))
-    if trainer.world_size > 1 and trainer.strategy.root_device.type == "cpu":
-        share_threads(trainer.num_devices)  # CPU DDP: the free cores, divided; inherited
+    if trainer.world_size > 1:
+        share_threads(trainer.num_devices)  # DDP: the free cores, divided; inherited
     if rank_zero:  # DDP's other processes start inside fit(), after this
         _write_run_dir(config, overwrite=args.overwrite, resume=resume)
 
