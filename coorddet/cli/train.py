@@ -97,7 +97,10 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Any, dict[str, Any]]:
     add("--strategy", help="auto, ddp, ddp_spawn, ... (Lightning)")
     add("--num-nodes", type=int, help="number of nodes (torchrun or SLURM)")
     add("--precision", help="32-true, bf16-mixed (CPU or GPU), 16-mixed (GPU)")
-    add("--num-workers", type=int, help="DataLoader workers per process")
+    add("--num-workers", type=int, help="DataLoader workers per process (default: 0 on the CPU, "
+        "up to 4 per GPU process)")  # fmt: skip
+    add("--pin-memory", action=bool_flag, help="pinned host memory for batches, copied to the "
+        "GPU asynchronously (default: on for GPUs)")  # fmt: skip
     add("--augment", action=bool_flag, help="albumentations on the training split (default: on)")
     add("--resume", metavar="last|PATH", help="continue from OUT/checkpoints/last.ckpt or PATH: "
         "epoch, weights, optimizer, schedule and RNG state; model settings come from the "
@@ -119,6 +122,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Any, dict[str, Any]]:
         "keep_image_size": "model.keep_image_size",
         "data": "data.data_dir", "batch_size": "data.batch_size",
         "num_workers": "data.num_workers", "augment": "data.augment",
+        "pin_memory": "data.pin_memory",
         "train_split": "data.train_split", "val_split": "data.val_split",
         "lr": "optim.lr", "optimizer": "optim.optimizer",
         "max_epochs": "trainer.max_epochs", "accelerator": "trainer.accelerator",
