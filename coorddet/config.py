@@ -73,6 +73,7 @@ class TrainerConfig:
     log_every_n_steps: int = 20
     gradient_clip_val: float = 0.0
     check_val_every_n_epoch: int = 1
+    compile: bool = False  # torch.compile the backbone (coorddet.compiling); not a Trainer arg
 
 
 @dataclass

@@ -102,6 +102,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Any, dict[str, Any]]:
     add("--pin-memory", action=bool_flag, help="pinned host memory for batches, copied to the "
         "GPU asynchronously (default: on for GPUs)")  # fmt: skip
     add("--augment", action=bool_flag, help="albumentations on the training split (default: on)")
+    add("--compile", action=bool_flag, help="torch.compile the backbone (default: off; "
+        "docs/speed.md has where it pays)")  # fmt: skip
     add("--resume", metavar="last|PATH", help="continue from OUT/checkpoints/last.ckpt or PATH: "
         "epoch, weights, optimizer, schedule and RNG state; model settings come from the "
         "checkpoint; --max-epochs may be raised")  # fmt: skip
@@ -122,7 +124,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Any, dict[str, Any]]:
         "keep_image_size": "model.keep_image_size",
         "data": "data.data_dir", "batch_size": "data.batch_size",
         "num_workers": "data.num_workers", "augment": "data.augment",
-        "pin_memory": "data.pin_memory",
+        "pin_memory": "data.pin_memory", "compile": "trainer.compile",
         "train_split": "data.train_split", "val_split": "data.val_split",
         "lr": "optim.lr", "optimizer": "optim.optimizer",
         "max_epochs": "trainer.max_epochs", "accelerator": "trainer.accelerator",
@@ -224,6 +226,10 @@ def _build_module(config: TrainConfig, resume: ResumePoint | None) -> Any:
             model = build_model(**config.model)
         except (ValueError, TypeError) as error:
             raise UserError(f"model config: {error}") from None
+    if config.trainer.compile:
+        from coorddet.compiling import compile_backbone
+
+        compile_backbone(model)
     return DetectionModule(
         model,
         **dataclasses.asdict(config.optim),
