@@ -43,8 +43,7 @@ PY
 tests_log=$(dirname "$JSON")/gpu_tests.log
 set +e
 timeout 120 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_gpu_paths.py \
-    tests/test_fp32_boxes.py tests/test_coordconv.py -k "cuda or CUDA or bf16 or float32" \
-    >"$tests_log" 2>&1
+    tests/test_fp32_boxes.py tests/test_coordconv.py::test_add_coords_on_cuda >"$tests_log" 2>&1
 tests_rc=$?
 set -e
 tail -3 "$tests_log"
