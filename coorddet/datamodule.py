@@ -128,6 +128,13 @@ class CocoDataModule(L.LightningDataModule):
             self.val_dataset = CocoDataset(
                 settings.data_dir, settings.val_split, decode=settings.decode, masks=settings.masks
             )
+        if self.trainer is not None and self.trainer.global_rank > 0:
+            # Process 0 alone scores validation (DetectionModule); the others read the splits'
+            # arrays only, not their COCO indexes (every image and annotation as a Python
+            # object: gigabytes per process for COCO's train2017).
+            for dataset in (self.train_dataset, self.val_dataset):
+                if dataset is not None:
+                    dataset.coco = None
         # The splits' COCO indexes are many small Python objects that live as long as the run:
         # out of the garbage collector's sight, forked DataLoader workers do not copy the pages
         # it would touch, so their memory stays that of one process, whatever the split size.
