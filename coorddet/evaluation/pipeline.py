@@ -83,8 +83,7 @@ def evaluate(
             memory, :data:`LAZY_WORKERS` for one decoded lazily (:mod:`coorddet.data`).
         score_thresh, rpn_top_k, rpn_nms_iou: the metric settings (:class:`EvalConfig`).
         trust_checkpoint: allow checkpoints that hold Python objects (can run code).
-        compile_models: ``torch.compile`` each model's backbone (:mod:`coorddet.compiling`).
-        quiet: no progress bar or timing lines.
+        quiet: no progress bar or timing lines; compile_models: ``torch.compile`` backbones.
     """
     _check_settings(batch_size, num_workers, precision, rpn_top_k, score_thresh, rpn_nms_iou)
     out, data = Path(out), Path(data)
