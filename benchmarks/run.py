@@ -31,6 +31,10 @@ Measures on this machine and prints a table; ``--out`` also writes the pinned JS
   ratio (at its default sites) interleaved as above; Faster R-CNN's are the keys above;
 - ``train_img_per_s_bf16``: ``train_img_per_s_baseline`` with ``--precision bf16-mixed``;
   ``eval_img_per_s_bf16``: ``eval_img_per_s`` under ``torch.autocast("cpu", bfloat16)``;
+- ``plain_loop_img_per_s_compiled`` / ``_eager`` and ``eval_img_per_s_compiled`` / ``_eager``:
+  ``--compile`` (the backbone through ``torch.compile``) against eager, stepped alternately
+  in one process on the same batches; ``compiled_feature_max_abs_diff``: how far the compiled
+  backbone's features are from eager's;
 - ``torch``, ``torchvision``, ``lightning``, ``cpu``, ``cpu_count``, ``threads``.
 
 Medians over at least 20 steps after warm-up (90 in three rounds whose order turns; ``--quick``,
@@ -269,6 +273,55 @@ def eval_speed(model: torch.nn.Module, data: Path, *, batches: int, bf16: bool =
     return images_done / (time.perf_counter() - started)
 
 
+def compiled_speeds(data: Path, *, steps: int, warmup: int) -> dict[str, float]:
+    """``--compile`` against eager, alternated step by step in one process on the same batches
+    (the arm that goes first turns every step): ``plain_loop_img_per_s`` (a bare training
+    loop at batch 16) and ``eval_img_per_s`` (batch 64) of each, with ``_compiled`` and
+    ``_eager`` suffixes, and ``compiled_feature_max_abs_diff``: the largest difference of the
+    compiled backbone's features from eager's on the same weights (fp32)."""
+    from coorddet.compiling import compile_backbone
+
+    dataset, test = CocoDataset(data, "train"), CocoDataset(data, "test")
+    batches = [collate_detection([dataset[i] for i in range(s, s + BATCH)])
+               for s in range(0, 4 * BATCH, BATCH)]  # fmt: skip
+    models, optimizers = {}, {}
+    for arm in ("eager", "compiled"):
+        torch.manual_seed(0)
+        models[arm] = build_model().train()
+        if arm == "compiled":
+            compile_backbone(models[arm])
+        optimizers[arm] = torch.optim.SGD(models[arm].parameters(), lr=0.01, momentum=0.9)
+    images = torch.stack(batches[0][0])
+    with torch.no_grad():
+        diff = (models["eager"].backbone(images) - models["compiled"].backbone(images)).abs()
+    results = {"compiled_feature_max_abs_diff": float(diff.max())}
+    times: dict[str, list[float]] = {arm: [] for arm in models}
+    for step in range(warmup + steps):
+        images, targets = batches[step % len(batches)]
+        for arm in list(models) if step % 2 == 0 else list(reversed(models)):
+            started = time.perf_counter()
+            loss = sum(models[arm](images, targets).values())
+            optimizers[arm].zero_grad(set_to_none=True)
+            loss.backward()
+            optimizers[arm].step()
+            if step >= warmup:
+                times[arm].append(time.perf_counter() - started)
+    eval_images, eval_targets = collate_detection([test[i] for i in range(EVAL_BATCH)])
+    ids = [int(t["image_id"]) for t in eval_targets]
+    eval_times: dict[str, list[float]] = {arm: [] for arm in models}
+    with torch.inference_mode():
+        for step in range(2 + max(steps // 3, 5)):
+            for arm in list(models) if step % 2 == 0 else list(reversed(models)):
+                started = time.perf_counter()
+                predict_with_proposals(models[arm], eval_images, image_ids=ids)
+                if step >= 2:
+                    eval_times[arm].append(time.perf_counter() - started)
+    for arm in models:
+        results[f"plain_loop_img_per_s_{arm}"] = BATCH / statistics.median(times[arm])
+        results[f"eval_img_per_s_{arm}"] = EVAL_BATCH / statistics.median(eval_times[arm])
+    return results
+
+
 @contextlib.contextmanager
 def busy_neighbour() -> Iterator[None]:
     """A busy process on one core while the block runs, started through a shell that exits,
@@ -338,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         results["eval_img_per_s_bf16"] = eval_speed(
             trained, data, batches=4 if args.quick else 15, bf16=True
         )
+        print("--compile against eager, alternated ...", flush=True)
+        results |= compiled_speeds(data, steps=steps, warmup=warmup)
         print("training with bf16-mixed ...", flush=True)
         times = lightning_steps(data, tmp, coordconv=False, steps=warmup + steps,
                                 precision="bf16-mixed")  # fmt: skip
@@ -372,6 +427,11 @@ TARGETS = {
     "eval_img_per_s_bf16": (None, None),
     "train_img_per_s_bf16": (None, None),
     "train_img_per_s_contended": (None, None),
+    "plain_loop_img_per_s_eager": (None, None),
+    "plain_loop_img_per_s_compiled": (None, None),
+    "eval_img_per_s_eager": (None, None),
+    "eval_img_per_s_compiled": (None, None),
+    "compiled_feature_max_abs_diff": (None, None),
     "contended_ratio": (">=", 0.45),
 }
 for _detector in list_detectors():  # every detector: fp32 training speed and CoordConv's cost

@@ -20,6 +20,8 @@ This module must stay TorchScript-compatible: no ``from __future__ import annota
 import torch
 from torch import Tensor
 
+from coorddet.device import to_device
+
 
 def _axis(size: int, cells: Tensor) -> tuple[Tensor, Tensor]:
     """Coordinates of ``size`` cells for ``cells`` (N,) real cells: (N, size) values from
@@ -45,8 +47,18 @@ def coordinate_grid(height: int, width: int, extents: Tensor, with_r: bool) -> T
         H), then ``r`` with ``with_r``. Cells outside an image's extent (batch padding) are 0
         in every channel, as a convolution's zero padding would see them were the image alone.
     """
+    return grid_of_cells(height, width, extent_cells(height, width, extents), with_r)
+
+
+def extent_cells(height: int, width: int, extents: Tensor) -> Tensor:
+    """(N, 2) float32 real cells per image for ``extents`` (N, 2) fractions of a ``height``
+    x ``width`` map, computed where ``extents`` lies (as :func:`coordinate_grid` does)."""
     size = torch.tensor([[float(height), float(width)]], dtype=torch.float64)
-    cells = (extents.to(torch.float64) * size.to(extents.device)).to(torch.float32)
+    return (extents.to(torch.float64) * size.to(extents.device)).to(torch.float32)
+
+
+def grid_of_cells(height: int, width: int, cells: Tensor, with_r: bool) -> Tensor:
+    """:func:`coordinate_grid` for (N, 2) float32 real cells per image (rows, columns)."""
     n = cells.shape[0]
     y, real_rows = _axis(height, cells[:, 0])
     x, real_columns = _axis(width, cells[:, 1])
@@ -106,7 +118,10 @@ def coordinates(cache: dict[str, Tensor], image_extent: Tensor, x: Tensor, with_
         uniform = uniform and row == first
     if uniform:
         return cached_grid(cache, H, W, x, with_r, first[0], first[1])
-    return coordinate_grid(H, W, image_extent.to(x.device), with_r).to(x.dtype)
+    # The (N, 2) cells are computed on the host and copied asynchronously: no host sync per
+    # batch of mixed sizes on a GPU; the same numbers as coordinate_grid's on the CPU.
+    cells = to_device(extent_cells(H, W, image_extent), x.device)
+    return grid_of_cells(H, W, cells, with_r).to(x.dtype)
 
 
 def batch_sum(grad: Tensor) -> Tensor:

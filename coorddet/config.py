@@ -37,7 +37,9 @@ MAX_SEED = 2**32 - 1  # what numpy (and so seed_everything) accepts
 class DataConfig:
     data_dir: str = "data/mnist-det"
     batch_size: int = 16
-    num_workers: int = 0
+    # None: 0 on the CPU (bit-identical augmentation streams), up to 4 per GPU process
+    num_workers: Union[int, None] = None  # noqa: UP007 - runtime type checks need typing.Union
+    pin_memory: Union[bool, None] = None  # noqa: UP007 - None: on for GPUs
     augment: bool = True
     augment_policy: str = "digits"
     train_split: str = "train"  # ROOT/annotations/instances_{split}.json + ROOT/{split}/
@@ -71,6 +73,7 @@ class TrainerConfig:
     log_every_n_steps: int = 20
     gradient_clip_val: float = 0.0
     check_val_every_n_epoch: int = 1
+    compile: bool = False  # torch.compile the backbone (coorddet.compiling); not a Trainer arg
 
 
 @dataclass
@@ -260,7 +263,7 @@ def _check(key: str, value: Any, expected: Any) -> Any:
 def _validate(config: TrainConfig) -> None:
     at_least = {
         "data.batch_size": (config.data.batch_size, 1),
-        "data.num_workers": (config.data.num_workers, 0),
+        "data.num_workers": (0 if config.data.num_workers is None else config.data.num_workers, 0),
         "trainer.max_epochs": (config.trainer.max_epochs, 1),
         "trainer.num_nodes": (config.trainer.num_nodes, 1),
         "trainer.log_every_n_steps": (config.trainer.log_every_n_steps, 1),

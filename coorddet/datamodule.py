@@ -21,6 +21,8 @@ from coorddet.errors import UserError
 from coorddet.transforms import POLICIES, build_transforms
 from coorddet.validate import check_choice, check_int
 
+MODEL_KEYS = frozenset({"boxes", "labels", "masks"})  # the target fields a detector reads
+
 
 def _seed_augmentation_worker(worker_id: int, *, rank: int) -> None:
     """DataLoader ``worker_init_fn``: give each worker (and each rank) its own augmentation stream.
@@ -51,13 +53,36 @@ class AugmentationEpochs(L.Callback):
             datamodule.set_epoch(trainer.current_epoch, rank=trainer.global_rank)
 
 
+GPU_WORKERS = 4  # DataLoader workers per GPU process by default (fewer on fewer cores)
+
+
+def loading_defaults(
+    num_workers: int | None, pin_memory: bool | None, *, device: torch.device, processes: int
+) -> tuple[int, bool]:
+    """``(num_workers, pin_memory)`` with ``None`` resolved for a process training on
+    ``device`` beside ``processes - 1`` others on its machine: on a GPU, pinned memory
+    (asynchronous copies) and up to :data:`GPU_WORKERS` workers, leaving the process a core
+    of its own (:func:`coorddet.system.usable_cpus` divided among the processes); on the CPU,
+    no workers (images decoded into memory cost nothing to read, and the augmentation stream
+    stays the one of earlier runs) and no pinning."""
+    from coorddet.system import usable_cpus
+
+    gpu = device.type == "cuda"
+    if num_workers is None:
+        cores = usable_cpus() // max(1, processes)
+        num_workers = min(GPU_WORKERS, max(0, cores - 1)) if gpu else 0
+    return num_workers, gpu if pin_memory is None else pin_memory
+
+
 class CocoDataModule(L.LightningDataModule):
     """Train/val loaders over a ``data_gen`` dataset in ``data_dir``.
 
     Training images are augmented with ``augment_policy`` (see :mod:`coorddet.transforms`)
     when ``augment``; validation images never are. Batches are ``collate_detection`` output.
     ``masks``: targets also carry instance masks (Mask R-CNN; both splits need
-    ``segmentation``). Lightning adds the ``DistributedSampler`` under DDP.
+    ``segmentation``). Lightning adds the ``DistributedSampler`` under DDP. ``num_workers``
+    and ``pin_memory`` left ``None`` are chosen for the Trainer's device
+    (:func:`loading_defaults`: on a GPU, workers and pinned memory).
     """
 
     def __init__(
@@ -65,18 +90,19 @@ class CocoDataModule(L.LightningDataModule):
         data_dir: str,
         *,
         batch_size: int = 16,
-        num_workers: int = 0,
+        num_workers: int | None = 0,
         augment: bool = True,
         augment_policy: str = "digits",
         train_split: str = "train",
         val_split: str = "val",
         decode: str = "auto",
-        pin_memory: bool = False,
+        pin_memory: bool | None = False,
         masks: bool = False,
     ) -> None:
         super().__init__()
         check_int("batch_size", batch_size, 1, error=UserError)
-        check_int("num_workers", num_workers, 0, error=UserError)
+        if num_workers is not None:  # None: chosen for the Trainer's device (loading_defaults)
+            check_int("num_workers", num_workers, 0, error=UserError)
         check_choice("augment_policy", augment_policy, POLICIES, error=UserError)
         check_choice("decode", decode, DECODE_MODES, error=UserError)
         # Lightning's default frame lookup leaves a frame cycle that pins the caller's locals
@@ -102,6 +128,13 @@ class CocoDataModule(L.LightningDataModule):
             self.val_dataset = CocoDataset(
                 settings.data_dir, settings.val_split, decode=settings.decode, masks=settings.masks
             )
+        if self.trainer is not None and self.trainer.global_rank > 0:
+            # Process 0 alone scores validation (DetectionModule); the others read the splits'
+            # arrays only, not their COCO indexes (every image and annotation as a Python
+            # object: gigabytes per process for COCO's train2017).
+            for dataset in (self.train_dataset, self.val_dataset):
+                if dataset is not None:
+                    dataset.coco = None
         # The splits' COCO indexes are many small Python objects that live as long as the run:
         # out of the garbage collector's sight, forked DataLoader workers do not copy the pages
         # it would touch, so their memory stays that of one process, whatever the split size.
@@ -136,25 +169,40 @@ class CocoDataModule(L.LightningDataModule):
         torch generator, which ``seed_everything`` and checkpoints (``RandomStateCallback``)
         make reproducible.
         """
-        if self.hparams.num_workers == 0 and self.train_dataset is not None:
+        if self._loading()[0] == 0 and self.train_dataset is not None:
             self.train_dataset.reseed(_mix_seed(torch.initial_seed(), rank, epoch))
 
     def transfer_batch_to_device(
         self, batch: Any, device: torch.device, dataloader_idx: int
     ) -> Any:
         """``(images, targets)`` moved tensor by tensor: Lightning's generic walk over the
-        nested lists and dicts costs time on every step, on CPU too, where nothing moves."""
+        nested lists and dicts costs time on every step, on CPU too, where nothing moves.
+        Asynchronous copies (from pinned memory with ``pin_memory``); the targets' fields the
+        detectors do not read (``image_id``, ``area``, ``iscrowd``) stay on the host, so that
+        reading an ``image_id`` never waits for the GPU."""
         images, targets = batch
         return (
             [image.to(device, non_blocking=True) for image in images],
-            [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets],
+            [
+                {k: v.to(device, non_blocking=True) if k in MODEL_KEYS else v for k, v in t.items()}
+                for t in targets
+            ],
         )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self._opened(self.val_dataset, "val"), shuffle=False, rank=0)
 
+    def _loading(self) -> tuple[int, bool]:
+        """``(num_workers, pin_memory)``, ``None`` resolved for the Trainer's device."""
+        trainer = self.trainer
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        processes = trainer.num_devices if trainer is not None else 1
+        return loading_defaults(
+            self.hparams.num_workers, self.hparams.pin_memory, device=device, processes=processes
+        )
+
     def _loader(self, dataset: CocoDataset, *, shuffle: bool, rank: int) -> DataLoader:
-        workers = self.hparams.num_workers
+        workers, pin_memory = self._loading()
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,
@@ -162,7 +210,7 @@ class CocoDataModule(L.LightningDataModule):
             drop_last=False,
             num_workers=workers,
             collate_fn=collate_detection,
-            pin_memory=self.hparams.pin_memory,
+            pin_memory=pin_memory,
             # Training workers restart every epoch so that each epoch's augmentation seeds come
             # from the torch generator, which a resumed run restores (see set_epoch).
             persistent_workers=workers > 0 and not shuffle,

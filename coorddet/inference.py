@@ -42,6 +42,8 @@ from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops import boxes as box_ops
 
+from coorddet.device import ints_to_device
+from coorddet.fp32_boxes import box_dtype
 from coorddet.predictions import ImagePrediction
 
 # --- detections and the paper's proposals ----------------------------------------------------
@@ -172,12 +174,11 @@ def predict_with_proposals(
             model, image_list, features, top_k=top_k, nms_iou=nms_iou,
             rpn_outputs={"head": outputs["head"], "anchors": outputs["anchor_generator"]},
         )  # fmt: skip
-    return [
-        ImagePrediction.from_detections(image_id, det, resize_boxes(props.float(), size, original))
-        for image_id, det, props, size, original in zip(
-            image_ids, detections, paper, sizes, original_sizes, strict=True
-        )
+    rescaled = [
+        resize_boxes(props.float(), size, original)
+        for props, size, original in zip(paper, sizes, original_sizes, strict=True)
     ]
+    return ImagePrediction.batch(image_ids, detections, rescaled)
 
 
 # --- batched post-processing (torchvision's, same outputs) ----------------------------------
@@ -193,17 +194,19 @@ def _clip(boxes: Tensor, heights: Tensor, widths: Tensor) -> Tensor:
 
 def _bounds(image_shapes: list[tuple[int, int]], like: Tensor) -> tuple[Tensor, Tensor]:
     """(N,) heights and widths of ``image_shapes`` on ``like``'s device and dtype."""
-    heights = torch.tensor([shape[0] for shape in image_shapes], device=like.device)
-    widths = torch.tensor([shape[1] for shape in image_shapes], device=like.device)
+    # asynchronous copies (coorddet.device): no host sync on a GPU
+    heights = ints_to_device([shape[0] for shape in image_shapes], like.device)
+    widths = ints_to_device([shape[1] for shape in image_shapes], like.device)
     return heights.to(like.dtype), widths.to(like.dtype)
 
 
 def _padded(boxes: list[Tensor], like: Tensor) -> tuple[Tensor, Tensor]:
     """``boxes`` (K_i, 4) per image as one zero-padded (N, max K_i, 4) tensor of ``like``'s
-    dtype, and the (N, max K_i) mask of the real ones."""
-    counts = torch.tensor([b.shape[0] for b in boxes], device=like.device)
+    dtype (float32 at least: ground truth is never rounded to bf16), and the (N, max K_i)
+    mask of the real ones."""
+    counts = ints_to_device([b.shape[0] for b in boxes], like.device)
     most = max([b.shape[0] for b in boxes] + [1])  # a row even when no image has boxes
-    padded = like.new_zeros((len(boxes), most, 4))
+    padded = like.new_zeros((len(boxes), most, 4), dtype=box_dtype(like.dtype))
     for image, image_boxes in enumerate(boxes):
         padded[image, : image_boxes.shape[0]] = image_boxes
     real = torch.arange(most, device=like.device)[None, :] < counts[:, None]
@@ -336,10 +339,12 @@ class BatchedRoIHeads(RoIHeads):
         device = class_logits.device
         num_classes = class_logits.shape[-1]
         counts = [boxes_in_image.shape[0] for boxes_in_image in proposals]
+        # float32 boxes under autocast (coorddet.fp32_boxes); a no-op in float32
+        box_regression = box_regression.to(box_dtype(box_regression.dtype))
         pred_boxes = self.box_coder.decode(box_regression, proposals)  # (R, classes, 4)
         pred_scores = F.softmax(class_logits, -1)
         heights, widths = _bounds(image_shapes, pred_boxes)
-        per_box = torch.tensor(counts, device=device)
+        per_box = ints_to_device(counts, device)
         heights = heights.repeat_interleave(per_box)[:, None]
         widths = widths.repeat_interleave(per_box)[:, None]
         # Class 0 is the background: dropped, as torchvision does.

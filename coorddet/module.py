@@ -8,7 +8,6 @@ what one training step is, how validation is scored (:mod:`coorddet.metrics`, th
 from __future__ import annotations
 
 import random
-import time
 from typing import Any
 
 import lightning as L
@@ -23,8 +22,10 @@ from coorddet.metrics import METRIC_KEYS, SEGM_KEYS, finite_or_none
 from coorddet.models import is_rpn_only
 from coorddet.optim import build_optimizer, lr_factor
 from coorddet.predictions import ImagePrediction, has_segmentations, with_category_ids
+from coorddet.steps import LossCheck, StepClock
 
 CHECKPOINT_FORMAT = 1
+CHECK_EVERY = 50  # steps between finite-loss checks on a GPU (each is a host sync)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -67,10 +68,10 @@ class DetectionModule(L.LightningModule):
         self.save_hyperparameters(ignore=["model"])
         self.model = model
         self._val_records: list[ImagePrediction] = []
-        self._batch_started = 0.0
+        self._clock = StepClock()
         self._log_step = True
+        self._loss_check = LossCheck()
         self.train_images = 0
-        self.train_seconds = 0.0
         self.last_metrics: dict[str, float | None] = {}
         self._epoch_loss = torch.zeros(())  # this epoch's summed training loss, and steps
         self._epoch_steps = 0
@@ -81,31 +82,26 @@ class DetectionModule(L.LightningModule):
 
     # -- training ---------------------------------------------------------------------------
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        self._batch_started = time.perf_counter()
-        # Step values are logged only where they are used: every step for a live progress bar,
-        # else on the steps the loggers write (every log_every_n_steps, as Lightning decides):
-        # each self.log call is a measurable part of a mnist-small step on CPU.
+        self._clock.start(self.device)
+        # Step values are logged only where they are used: every step for a live progress bar
+        # on the CPU, else on the steps the loggers write (every log_every_n_steps, as
+        # Lightning decides): each self.log call is a measurable part of a mnist-small step on
+        # CPU, and on a GPU each value shown is a host sync.
         trainer = self.trainer
         every = trainer.log_every_n_steps
-        self._log_step = trainer.progress_bar_callback is not None or (
-            every > 0 and (self.global_step + 1) % every == 0
-        )
+        live_bar = trainer.progress_bar_callback is not None and self.device.type == "cpu"
+        self._log_step = live_bar or (every > 0 and (self.global_step + 1) % every == 0)
 
     def training_step(self, batch: tuple[list[Tensor], list[dict]], batch_idx: int) -> Tensor:
         images, targets = batch
         losses = self.model(list(images), list(targets))
         loss = sum(losses.values())
-        finite = bool(torch.isfinite(loss))
-        if self.trainer.world_size > 1:
-            # Every rank must stop at the same step: a rank that raised alone would leave the
-            # others waiting in the gradient all-reduce.
-            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
-        if not finite:
-            terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
-            raise NonFiniteLossError(
-                f"training loss is not finite at epoch {self.current_epoch}, step "
-                f"{self.global_step} ({terms}); lower --lr or check the data"
-            )
+        self._loss_check.record(loss, losses, self.current_epoch, self.global_step)
+        # Every step on the CPU (a check costs nothing there); on a GPU every CHECK_EVERY steps
+        # and before anything is saved or validated (on_validation_start, on_train_epoch_end):
+        # reading the flag is a host sync.
+        if self.device.type == "cpu" or (self.global_step + 1) % CHECK_EVERY == 0:
+            self._check_loss()
         self._epoch_loss = self._epoch_loss.to(loss.device) + loss.detach()
         self._epoch_steps += 1
         if self._log_step:
@@ -116,15 +112,37 @@ class DetectionModule(L.LightningModule):
             self.log("loss", loss.detach(), prog_bar=True, batch_size=batch_size)
         return loss
 
+    def _check_loss(self) -> None:
+        """Raise :class:`NonFiniteLossError` on every rank at once if any rank's loss was not
+        finite since the last check (a rank that raised alone would leave the others waiting
+        in the gradient all-reduce)."""
+        bad = self._loss_check.found()
+        if self.trainer.world_size > 1:
+            bad = not self.trainer.strategy.reduce_boolean_decision(not bad, all=True)
+        if bad:
+            raise NonFiniteLossError(
+                f"training loss is not finite at {self._loss_check.where()}; lower --lr or "
+                "check the data"
+            )
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        seconds = time.perf_counter() - self._batch_started
         images = len(batch[0])
+        self._clock.stop(images)
         self.train_images += images
-        self.train_seconds += seconds
         if self._log_step:
+            seconds = self._clock.last_seconds()  # a host sync on a GPU: on logged steps only
             self.log("img_s", images / max(seconds, 1e-9), prog_bar=True, batch_size=images)
 
+    @property
+    def train_seconds(self) -> float:
+        """Seconds spent in training steps so far (device time on a GPU)."""
+        return self._clock.total_seconds()
+
+    def on_validation_start(self) -> None:
+        self._check_loss()  # before validation and the checkpoints that follow it
+
     def on_train_epoch_end(self) -> None:
+        self._check_loss()  # before ModelCheckpoint's save at the epoch's end
         # The epoch's mean loss (this rank's steps) in one log call: a per-step on_epoch log
         # would cost a log call every step.
         if self._epoch_steps:
@@ -148,29 +166,39 @@ class DetectionModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         records, self._val_records = self._val_records, []
-        if self.trainer.world_size > 1:
-            # Every rank scores the same full set: each image once, DistributedSampler's padded
-            # duplicates dropped by evaluate_records.
-            gathered: list[list[ImagePrediction]] = [[] for _ in range(self.trainer.world_size)]
-            torch.distributed.all_gather_object(gathered, records)
-            records = [record for part in gathered for record in part]
-        if self.trainer.sanity_checking or not records:
+        if self.trainer.sanity_checking:
             return
-        coco_gt = self.trainer.datamodule.val_dataset.coco
-        metrics = score(
-            coco_gt,
-            records,
-            score_thresh=self.hparams.score_thresh,
-            detections=not is_rpn_only(self.model),
-            masks=has_segmentations(records),  # a mask head: segm_* (mask AP) logged too
-        )
+        world_size = self.trainer.world_size
+        if world_size > 1:
+            # Scored once: every rank's predictions go to rank 0 (each image once there,
+            # DistributedSampler's padded duplicates dropped by evaluate_records), which scores
+            # them and hands the metrics to every rank.
+            gathered = [[] for _ in range(world_size)] if self.trainer.is_global_zero else None
+            torch.distributed.gather_object(records, gathered, dst=0)
+            records = [record for part in gathered or [] for record in part]
+        metrics = self._score(records) if records else None
+        if world_size > 1:
+            shared = [metrics]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            metrics = shared[0]
+        if metrics is None:
+            return
         self.last_metrics = metrics
         # None (NaN: e.g. no large digits -> map_large undefined) would poison checkpoint
         # monitoring, so it is not logged.
         for key, value in metrics.items():
             if value is not None:
-                # Identical on every rank; sync_dist only keeps Lightning's DDP check quiet.
-                self.log(key, value, prog_bar=key in ("map_50", "rpn_iou"), sync_dist=True)
+                # The same value on every rank: nothing to reduce.
+                self.log(key, value, prog_bar=key in ("map_50", "rpn_iou"), sync_dist=False)
+
+    def _score(self, records: list[ImagePrediction]) -> dict[str, float | None]:
+        return score(
+            self.trainer.datamodule.val_dataset.coco,
+            records,
+            score_thresh=self.hparams.score_thresh,
+            detections=not is_rpn_only(self.model),
+            masks=has_segmentations(records),  # a mask head: segm_* (mask AP) logged too
+        )
 
     # -- optimizer --------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
@@ -212,11 +240,13 @@ class DetectionModule(L.LightningModule):
 
 
 class RandomStateCallback(L.Callback):
-    """Saves and restores the Python, NumPy and torch RNG states with each checkpoint.
+    """Saves and restores the Python, NumPy, torch CPU and CUDA RNG states with each checkpoint.
 
     Lightning restores epoch, optimizer and scheduler state on resume but not the random
     generators; with this callback a resumed run shuffles and samples (RPN / ROI sampling)
-    exactly as the interrupted one would have from that checkpoint on. States are stored as
+    exactly as the interrupted one would have from that checkpoint on. On a GPU the samplers
+    draw from the CUDA generator: its state (the current device's, ``"cuda"``) is saved when
+    CUDA is in use, and restored when the resuming process has CUDA. States are stored as
     plain lists and tensors so checkpoints still load with ``torch.load(weights_only=True)``.
 
     Not covered: under DDP, the other ranks' states (only rank 0's is saved; every rank gets
@@ -226,11 +256,14 @@ class RandomStateCallback(L.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         numpy_state = np.random.get_state()
-        return {
+        state = {
             "python": _to_lists(random.getstate()),
             "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
             "torch": torch.get_rng_state(),
         }
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state()  # the current device: this rank's GPU
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         version, internal, gauss = state_dict["python"]
@@ -238,6 +271,8 @@ class RandomStateCallback(L.Callback):
         kind, keys, *rest = state_dict["numpy"]
         np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
         torch.set_rng_state(state_dict["torch"])
+        if "cuda" in state_dict and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state_dict["cuda"])
 
 
 def _to_lists(value: Any) -> Any:

@@ -24,6 +24,8 @@ from torch import Tensor, nn
 from torchvision.models.detection.faster_rcnn import TwoMLPHead
 from torchvision.ops import MultiScaleRoIAlign, roi_pool
 
+from coorddet.fp32_boxes import box_dtype
+
 
 def _axis_weights(
     start: Tensor, end: Tensor, size: int, pooled: int, sampling_ratio: int, scale: float
@@ -92,9 +94,12 @@ def roi_align_matmul(
     total = sum(counts)
     if total == 0:
         return features.new_zeros((0, C, P, P)).contiguous(memory_format=torch.channels_last)
-    all_boxes = torch.cat(boxes).detach().to(features.dtype)  # weights need no gradient
+    # Positions in float32 at least (bf16 would round a box edge above 512 px by pixels); only
+    # the bilinear weights, fractions in [0, 1], take the features' dtype. No gradient to boxes.
+    all_boxes = torch.cat(boxes).detach().to(box_dtype(features.dtype))
     rows = _axis_weights(all_boxes[:, 1], all_boxes[:, 3], H, P, sampling_ratio, spatial_scale)
     columns = _axis_weights(all_boxes[:, 0], all_boxes[:, 2], W, P, sampling_ratio, spatial_scale)
+    rows, columns = rows.to(features.dtype), columns.to(features.dtype)
     maps = features.permute(0, 2, 3, 1).reshape(N, H, W * C)  # (N, H, W*C)
     if torch.is_grad_enabled() and features.requires_grad:
         # Training: one product for the whole batch keeps autograd to a few nodes (faster

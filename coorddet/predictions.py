@@ -69,9 +69,41 @@ class ImagePrediction:
         )
 
     @classmethod
+    def batch(
+        cls,
+        image_ids: Sequence[Any],
+        detections: Sequence[dict[str, Tensor]],
+        proposals: Sequence[Tensor] | None = None,
+    ) -> list[ImagePrediction]:
+        """:meth:`from_detections` for a batch. From a GPU, each field of the whole batch
+        comes to the host in one copy (one host sync per field, not per image and field)."""
+        detections, proposals = list(detections), None if proposals is None else list(proposals)
+        if detections and detections[0]["boxes"].device.type != "cpu":
+            fields = {
+                key: _to_host([image[key] for image in detections])
+                for key in ("boxes", "scores", "labels")
+            }
+            detections = [
+                {**image, **{key: parts[i] for key, parts in fields.items()}}
+                for i, image in enumerate(detections)
+            ]
+            proposals = None if proposals is None else _to_host(proposals)
+        return [
+            cls.from_detections(image_id, image, None if proposals is None else proposals[i])
+            for i, (image_id, image) in enumerate(zip(image_ids, detections, strict=True))
+        ]
+
+    @classmethod
     def empty(cls, image_id: int) -> ImagePrediction:
         """No detections (and no proposals) for ``image_id``."""
         return cls(image_id, torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.int64))
+
+
+def _to_host(tensors: list[Tensor]) -> list[Tensor]:
+    """Same-shaped (except along dim 0) device tensors on the CPU in one copy, each its own
+    tensor again (not a view that would pickle the whole batch with it)."""
+    joined = torch.cat(tensors).cpu()
+    return [part.clone() for part in joined.split([len(t) for t in tensors])]
 
 
 def with_category_ids(

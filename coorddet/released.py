@@ -47,6 +47,8 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork, concat_box_prediction_layers
 from torchvision.ops import box_iou, nms
 
+from coorddet.fp32_boxes import box_dtype
+
 TEMPLATES = (
     (15, 15),
     (20, 20),
@@ -149,7 +151,7 @@ class ReceptiveFieldAnchors(nn.Module):
             anchors = template_anchors(
                 *key[:2], first=self.first, stride=self.stride, templates=self.templates,
                 layout=self.layout,
-            ).to(feature.device, feature.dtype)  # fmt: skip
+            ).to(feature.device, box_dtype(feature.dtype))  # fmt: skip
             self._cache[key] = anchors
         return [anchors] * len(images.image_sizes)
 
@@ -276,7 +278,9 @@ class ReleasedRegionProposalNetwork(RegionProposalNetwork):
         anchors = self.anchor_generator(images, maps)
         count = len(anchors)
         objectness, deltas = concat_box_prediction_layers(objectness, deltas)
-        moved = self.box_coder.decode(deltas.detach(), anchors).view(count, -1, 4)
+        # float32 boxes under autocast (coorddet.fp32_boxes): bf16 rounds pixels
+        moved = self.box_coder.decode(deltas.detach().to(box_dtype(deltas.dtype)), anchors)
+        moved = moved.view(count, -1, 4)
         scores = objectness.detach().view(count, -1)
         if self.training:  # RPN-only models use no proposals in training: skip the NMS
             boxes = [image_boxes[:0] for image_boxes in moved]

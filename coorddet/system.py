@@ -116,12 +116,108 @@ CHOSEN = "COORDDET_THREADS"  # set beside OMP_NUM_THREADS when coorddet chose th
 _DROP_AT = 0.3  # give up a thread once other processes keep this share of a core busy
 
 
-def cpu_jiffies() -> tuple[int, int]:
-    """``(busy, total)`` CPU time of the whole machine so far, in clock ticks (``/proc/stat``)."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    total = sum(fields[:8])  # guest time is already counted in user time
-    return total - idle, total
+CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+def affinity_cpus() -> set[int]:
+    """The CPUs this process may run on (``taskset``, a SLURM job's or a container's cpuset)."""
+    try:
+        return set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return set(range(os.cpu_count() or 1))
+
+
+def cgroup_cpu_quota(root: str | os.PathLike = CGROUP_ROOT) -> float | None:
+    """The CPU quota of this process's cgroup in CPUs (``1.5``: 150 ms of CPU time per 100 ms),
+    or None when there is none: cgroup v2's ``cpu.max`` (under ``root``, from this process's
+    own cgroup up to ``root``, the smallest), else cgroup v1's ``cpu.cfs_quota_us`` /
+    ``cpu.cfs_period_us``. ``root``: where the cgroup file system is mounted (a parameter so
+    that a test can point it at files of its own)."""
+    root = Path(root)
+    quotas = []
+    for folder in _own_cgroup_folders(root):
+        try:
+            limit, period = (folder / "cpu.max").read_text().split()[:2]
+        except (OSError, ValueError):
+            continue
+        if limit != "max":
+            quotas.append(int(limit) / int(period))
+    for folder in (root / "cpu", root / "cpu,cpuacct"):
+        try:
+            quota = int((folder / "cpu.cfs_quota_us").read_text())
+            period = int((folder / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            continue
+        if quota > 0 and period > 0:
+            quotas.append(quota / period)
+    return min(quotas) if quotas else None
+
+
+def _own_cgroup_folders(root: Path) -> list[Path]:
+    """``root`` and, under it, the folders of this process's cgroup v2 path (``0::/a/b`` in
+    ``/proc/self/cgroup``: ``root``, ``root/a``, ``root/a/b``); those that exist."""
+    folders = [root]
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        if line.startswith("0::/"):
+            for part in Path(line[4:].strip()).parts:
+                folders.append(folders[-1] / part)
+    return [folder for folder in folders if folder.is_dir()]
+
+
+def usable_cpus(cgroup_root: str | os.PathLike = CGROUP_ROOT) -> int:
+    """The cores this process may use: its CPU affinity (``os.sched_getaffinity``), capped by
+    its cgroup's CPU quota rounded up (:func:`cgroup_cpu_quota`), and by
+    ``SLURM_CPUS_PER_TASK`` in a SLURM task. Inside an 8-CPU SLURM job or container on a
+    100-core machine: 8, where ``os.cpu_count()`` says 100."""
+    cpus = len(affinity_cpus())
+    quota = cgroup_cpu_quota(cgroup_root)
+    if quota is not None:
+        cpus = min(cpus, max(1, math.ceil(quota - 1e-9)))
+    per_task = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if per_task.isdigit() and int(per_task) > 0:
+        cpus = min(cpus, int(per_task))
+    return max(1, cpus)
+
+
+def launcher_processes() -> int | None:
+    """When a launcher started this process beside others of its run: how many of them share
+    :func:`usable_cpus` (torchrun's ``LOCAL_WORLD_SIZE``; 1 for a task of a multi-task SLURM
+    step, whose ``--cpus-per-task`` are its own). None when this process is the only one,
+    or the first that Lightning's own launcher starts the others from (they share with
+    :func:`share_threads` before they start)."""
+    local = os.environ.get("LOCAL_WORLD_SIZE", "")
+    if local.isdigit() and int(local) > 0:
+        return int(local)
+    tasks = os.environ.get("SLURM_NTASKS", "")
+    if tasks.isdigit() and int(tasks) > 1 and "SLURM_PROCID" in os.environ:
+        return 1
+    return None
+
+
+def cpu_jiffies(cpus: set[int] | None = None) -> tuple[int, int]:
+    """``(busy, total)`` CPU time so far of ``cpus`` (default: the whole machine), in clock
+    ticks (``/proc/stat``)."""
+    lines = Path("/proc/stat").read_text().splitlines()
+    if cpus is None:
+        rows = [lines[0]]
+    else:
+        rows = [line for line in lines[1:] if line.startswith("cpu") and _cpu_index(line) in cpus]
+    busy = total = 0
+    for row in rows:
+        fields = [int(v) for v in row.split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        row_total = sum(fields[:8])  # guest time is already counted in user time
+        busy, total = busy + row_total - idle, total + row_total
+    return busy, total
+
+
+def _cpu_index(line: str) -> int:
+    name = line.split(maxsplit=1)[0]
+    return int(name[3:]) if name[3:].isdigit() else -1
 
 
 def process_tree(pid: int | None = None) -> list[int]:
@@ -152,27 +248,34 @@ def own_jiffies(pid: int | None = None) -> int:
 
 
 class CpuShare:
-    """The cores other processes keep busy, measured between calls of :meth:`others`."""
+    """The cores other processes keep busy, measured between calls of :meth:`others`, on the
+    CPUs this process may use (its affinity): another job's cores are not a neighbour's."""
 
     def __init__(self) -> None:
-        self._mark = (*cpu_jiffies(), own_jiffies())
+        self._cpus = affinity_cpus()
+        if len(self._cpus) >= (os.cpu_count() or 1):
+            self._cpus = None  # the whole machine: its summary line
+        self._count = len(self._cpus) if self._cpus is not None else os.cpu_count() or 1
+        # Under a CPU quota smaller than the CPUs watched, this process's share of their load.
+        self._scale = min(1.0, usable_cpus() / self._count)
+        self._mark = (*cpu_jiffies(self._cpus), own_jiffies())
 
     def others(self) -> float:
         """Cores busy with other processes since the last call (or since construction)."""
-        busy, total, own = *cpu_jiffies(), own_jiffies()
+        busy, total, own = *cpu_jiffies(self._cpus), own_jiffies()
         d_busy, d_total, d_own = (
             now - then for now, then in zip((busy, total, own), self._mark, strict=True)
         )
         self._mark = (busy, total, own)
         if d_total <= 0:
             return 0.0
-        return max(0.0, (d_busy - d_own) / d_total * (os.cpu_count() or 1))
+        return max(0.0, (d_busy - d_own) / d_total * self._count * self._scale)
 
 
 def threads_for(others: float, cores: int | None = None) -> int:
     """torch threads for a machine whose other processes keep ``others`` cores busy: the cores
     left, a thread given up as soon as a neighbour takes ``_DROP_AT`` of a core."""
-    cores = cores or os.cpu_count() or 1
+    cores = cores or usable_cpus()
     return max(1, min(cores, math.floor(cores - others + _DROP_AT)))
 
 
@@ -205,14 +308,20 @@ def configure_threads(*, sample_seconds: float = 0.2) -> int | None:
     share = CpuShare()
     time.sleep(sample_seconds)
     threads = threads_for(share.others())
-    _set_threads(threads)
+    processes = launcher_processes()
+    if processes is None:
+        _set_threads(threads)
+        return threads
+    threads = max(1, threads // processes)  # torchrun's or SLURM's processes of this machine
+    _set_threads(threads, mark="shared")
     return threads
 
 
 def share_threads(processes: int) -> int | None:
-    """Divide coorddet's chosen threads among ``processes`` processes of one machine (CPU DDP),
-    before they start; they inherit the count (and do not divide it again). Nothing when the
-    user chose."""
+    """Divide coorddet's chosen threads among ``processes`` processes of one machine (DDP on
+    CPUs or GPUs, started by Lightning), before they start; they inherit the count (and do
+    not divide it again). Nothing when the user chose, or when a launcher (torchrun, SLURM)
+    started the processes (:func:`configure_threads` shared them then)."""
     if user_chose_threads() or os.environ.get(CHOSEN) != "auto":
         return None
     threads = max(1, int(os.environ["OMP_NUM_THREADS"]) // max(1, processes))

@@ -13,13 +13,16 @@ inode removed before its flock succeeded, and :func:`hold_folder` then locks the
 Why filelock: it already does the flock, the forked children (DataLoader and pool workers drop
 the inherited descriptor, so none keeps a dead parent's folder locked) and the removed-inode
 check; it cannot name the holder in its refusal nor remove the file on release, which is all
-this module adds. A package of its own because ``coorddet`` and ``data_gen`` never import each
+this module adds. On a file system without flock (Lustre mounted without ``-o flock``, NFS
+without its lock service: flock fails with ENOLCK, EOPNOTSUPP or ENOSYS) the folder is not
+locked: one warning line on stderr says so and the tool runs. A package of its own because ``coorddet`` and ``data_gen`` never import each
 other: ``coorddet.locking`` and ``data_gen.locking`` bind it to their ``UserError``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shlex
 import sys
@@ -53,7 +56,27 @@ def hold_folder(
     lock = filelock.FileLock(
         path, mode=0o644, blocking=False, fallback_to_soft=False, on_acquired=_write_holder
     )
-    holder = _acquire(lock, path)
+    existed = path.exists()
+    try:
+        holder = _acquire(lock, path)
+    except (OSError, NotImplementedError) as failure:
+        if not _no_flock(failure):
+            raise
+        # A file system without flock (Lustre mounted without -o flock, NFS without its lock
+        # service): run unlocked, and say so, rather than refuse to run at all.
+        print(
+            f"warning: {folder} is not locked against a second writer: {path.parent} does not "
+            f"support flock ({_reason(failure)}); run one process per folder yourself",
+            file=sys.stderr,
+            flush=True,
+        )
+        try:
+            yield path
+        finally:
+            if not existed:  # the lock file the failed attempt created
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+        return
     if holder is not None:
         raise error(f"{folder} is in use by {holder}; wait for it or choose another {flag}")
     owner = os.getpid()
@@ -77,6 +100,27 @@ def _acquire(lock: filelock.BaseFileLock, path: Path) -> str | None:
             if holder is not None:
                 return holder
             # its holder released and removed it meanwhile: lock the path's new file
+
+
+_NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+
+
+def _no_flock(failure: BaseException) -> bool:
+    """Whether ``failure`` (or the error it was raised from) says flock is not supported."""
+    while failure is not None:
+        if isinstance(failure, NotImplementedError):
+            return True
+        if isinstance(failure, OSError) and failure.errno in _NO_FLOCK:
+            return True
+        failure = failure.__cause__ or failure.__context__
+    return False
+
+
+def _reason(failure: BaseException) -> str:
+    cause = failure.__cause__ or failure.__context__
+    if isinstance(failure, OSError) or not isinstance(cause, OSError):
+        return getattr(failure, "strerror", None) or str(failure) or type(failure).__name__
+    return cause.strerror or str(cause)
 
 
 def _write_holder(fd: int) -> None:

@@ -222,7 +222,9 @@ def test_console_prints_the_table_and_the_paths(report):
     out = report.result.stdout
     assert "| metric | baseline | coordconv | truth | partial |" in out
     assert f"report:  {report.out / 'report.md'}" in out
-    assert re.search(r"^baseline: 8 images in [\d.]+ s \([\d.]+ img/s, batch 64, cpu\)$", out, re.M)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # --device auto: CUDA when there
+    line = rf"^baseline: 8 images in [\d.]+ s \([\d.]+ img/s, batch 64, {device}\)$"
+    assert re.search(line, out, re.M)
     assert "Traceback" not in report.result.stderr
 
 

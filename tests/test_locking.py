@@ -7,7 +7,9 @@ runs through both bindings.
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -142,3 +144,38 @@ def test_a_forked_child_does_not_keep_a_killed_parents_lock(name: str, tmp_path:
             pass
     finally:
         os.kill(child, signal.SIGKILL)
+
+
+_NO_FLOCK_SHIM = """
+#include <errno.h>
+#include <stdlib.h>
+int flock(int fd, int operation) {
+    (void)fd; (void)operation;
+    errno = atoi(getenv("NOFLOCK_ERRNO"));
+    return -1;
+}
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not shutil.which("cc"), reason="cc")
+@pytest.mark.parametrize("error", ["ENOLCK", "EOPNOTSUPP", "ENOSYS"])
+def test_a_file_system_without_flock_warns_in_one_line_and_runs(error: str, tmp_path: Path):
+    """flock fails at the C library (a preloaded flock, as on Lustre mounted without
+    -o flock or NFS without its lock service): one warning line, the tool runs, no lock file."""
+    shim = tmp_path / "noflock.so"
+    (tmp_path / "noflock.c").write_text(_NO_FLOCK_SHIM)
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(shim), str(tmp_path / "noflock.c")],
+                   check=True)  # fmt: skip
+    out = tmp_path / "data"
+    result = subprocess.run(
+        [sys.executable, "-m", "data_gen", "--out", str(out), "--train", "2", "--val", "1",
+         "--test", "1", "--quiet"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "LD_PRELOAD": str(shim), "NOFLOCK_ERRNO": str(getattr(errno, error))},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("warning: ") and "flock" in lines[0], lines
+    assert str(out) in lines[0] and os.strerror(getattr(errno, error)) in lines[0]
+    assert (out / "dataset.json").is_file()
+    assert not folderlock.lock_path(out).exists()

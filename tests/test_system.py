@@ -2,9 +2,11 @@
 
 import importlib
 import json
+import math
 import os
 import platform
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,10 +18,12 @@ import pytest
 from coorddet.system import (
     CpuShare,
     ThreadGovernor,
+    cgroup_cpu_quota,
     fix_threads,
     keep_freed_memory,
     share_threads,
     threads_for,
+    usable_cpus,
     use_huge_pages,
 )
 
@@ -240,3 +244,51 @@ def test_fixed_threads_are_the_user_s_and_stay(monkeypatch):
             fix_threads(0)
     finally:
         torch.set_num_threads(before)
+
+
+# --- the cores a process may use: affinity, cgroup quota, processes per machine ----------------
+
+
+@pytest.mark.parametrize(
+    ("files", "quota"),
+    [
+        ({"cpu.max": "150000 100000\n"}, 1.5),  # cgroup v2: a container of 1.5 CPUs
+        ({"cpu.max": "max 100000\n"}, None),  # v2, no limit
+        ({"cpu/cpu.cfs_quota_us": "50000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 0.5),  # v1
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),  # v1
+        ({}, None),  # no cgroup file system
+    ],
+)
+def test_the_cgroup_cpu_quota_caps_the_cores(tmp_path, files, quota):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cgroup_cpu_quota(tmp_path) == quota
+    cpus = len(os.sched_getaffinity(0))
+    expected = cpus if quota is None else min(cpus, math.ceil(quota))
+    assert usable_cpus(tmp_path) == expected
+
+
+_AFFINITY_PROBE = """
+import os
+from coorddet.system import configure_threads, usable_cpus
+threads = configure_threads(sample_seconds=0.05)
+print(usable_cpus(), threads, os.environ["COORDDET_THREADS"])
+"""
+
+
+@pytest.mark.skipif(not shutil.which("taskset"), reason="taskset")
+def test_threads_follow_the_cpu_affinity_and_the_processes_per_machine():
+    def probe(*prefix: str, **settings: str) -> list[str]:
+        result = subprocess.run([*prefix, sys.executable, "-c", _AFFINITY_PROBE],
+                                capture_output=True, text=True, env=thread_env(**settings),
+                                check=True, cwd=ROOT)  # fmt: skip
+        return result.stdout.split()
+
+    assert probe("taskset", "-c", "0") == ["1", "1", "auto"]  # one CPU allowed: one thread
+    # torchrun's processes of one machine share its cores, whatever the accelerator: two
+    # processes on two CPUs take one thread each
+    assert probe("taskset", "-c", "0,1", LOCAL_WORLD_SIZE="2") == ["2", "1", "shared"]
+    # a task of a multi-task SLURM step has its own --cpus-per-task
+    assert probe("taskset", "-c", "0", SLURM_NTASKS="4", SLURM_PROCID="1",
+                 SLURM_CPUS_PER_TASK="1") == ["1", "1", "shared"]  # fmt: skip

@@ -47,6 +47,8 @@ def parse_args(argv: Sequence[str] | None) -> Any:
         help="inference precision; bf16-mixed: bfloat16 autocast, as train.py's (default: "
         "%(default)s)")  # fmt: skip
     add("--device", default="auto", help="cpu, cuda, cuda:1, mps, or auto (default: %(default)s)")
+    add("--compile", action="store_true", help="torch.compile each model's backbone (default: "
+        "off; docs/speed.md has where it pays)")  # fmt: skip
     add("--score-thresh", type=float, default=defaults.score_thresh,
         help="detections counted by det_iou and gt_iou (default: %(default)s)")  # fmt: skip
     add("--rpn-top-k", type=int, default=defaults.rpn_top_k,
@@ -103,6 +105,7 @@ def evaluate_command(argv: Sequence[str] | None = None) -> int:
         rpn_top_k=args.rpn_top_k,
         rpn_nms_iou=args.rpn_nms_iou,
         trust_checkpoint=args.trust_checkpoint,
+        compile_models=args.compile,
         overwrite=args.overwrite,
         quiet=args.quiet,
     )

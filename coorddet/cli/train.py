@@ -57,6 +57,7 @@ FLAG_KEYS = {
     "keep_image_size": "model.keep_image_size",
     "data": "data.data_dir", "batch_size": "data.batch_size",
     "num_workers": "data.num_workers", "augment": "data.augment",
+    "pin_memory": "data.pin_memory", "compile": "trainer.compile",
     "train_split": "data.train_split", "val_split": "data.val_split",
     "lr": "optim.lr", "optimizer": "optim.optimizer",
     "max_epochs": "trainer.max_epochs", "accelerator": "trainer.accelerator",
@@ -114,8 +115,13 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Any, dict[str, Any]]:
     add("--strategy", help="auto, ddp, ddp_spawn, ... (Lightning)")
     add("--num-nodes", type=int, help="number of nodes (torchrun or SLURM)")
     add("--precision", help="32-true, bf16-mixed (CPU or GPU), 16-mixed (GPU)")
-    add("--num-workers", type=int, help="DataLoader workers per process")
+    add("--num-workers", type=int, help="DataLoader workers per process (default: 0 on the CPU, "
+        "up to 4 per GPU process)")  # fmt: skip
+    add("--pin-memory", action=bool_flag, help="pinned host memory for batches, copied to the "
+        "GPU asynchronously (default: on for GPUs)")  # fmt: skip
     add("--augment", action=bool_flag, help="albumentations on the training split (default: on)")
+    add("--compile", action=bool_flag, help="torch.compile the backbone (default: off; "
+        "docs/speed.md has where it pays)")  # fmt: skip
     add("--resume", metavar="last|PATH", help="continue from OUT/checkpoints/last.ckpt or PATH: "
         "epoch, weights, optimizer, schedule and RNG state; model settings come from the "
         "checkpoint; --max-epochs may be raised")  # fmt: skip
@@ -222,6 +228,10 @@ def _build_module(config: TrainConfig, resume: ResumePoint | None) -> Any:
             model = build_model(**config.model)
         except (ValueError, TypeError) as error:
             raise UserError(f"model config: {error}") from None
+    if config.trainer.compile:
+        from coorddet.compiling import compile_backbone
+
+        compile_backbone(model)
     return DetectionModule(
         model,
         **dataclasses.asdict(config.optim),
@@ -296,8 +306,8 @@ def _train(
     L.seed_everything(config.seed, workers=True, verbose=not args.quiet)
     module = _build_module(config, resume)
     trainer = build_trainer(config, quiet=args.quiet, resume_command=resume_command(argv))
-    if trainer.world_size > 1 and trainer.strategy.root_device.type == "cpu":
-        share_threads(trainer.num_devices)  # CPU DDP: the free cores, divided; inherited
+    if trainer.world_size > 1:
+        share_threads(trainer.num_devices)  # DDP: the free cores, divided; inherited
     if rank_zero:  # DDP's other processes start inside fit(), after this
         _write_run_dir(config, overwrite=args.overwrite, resume=resume)
 

@@ -221,6 +221,7 @@ def build_trainer(config: TrainConfig, *, quiet: bool, resume_command: str) -> L
     except ModuleNotFoundError:  # tensorboard is optional
         pass
     trainer_args = dataclasses.asdict(config.trainer)
+    trainer_args.pop("compile")  # the model's (train.py compiles it), not the Trainer's
     trainer_args["gradient_clip_val"] = trainer_args["gradient_clip_val"] or None
     try:
         return L.Trainer(

@@ -20,10 +20,8 @@ from __future__ import annotations
 
 from torch import nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import MultiScaleRoIAlign
 
 from coorddet.detectors import parts
@@ -33,6 +31,7 @@ from coorddet.detectors.options import (
     ImageOptions,
     ProposalOptions,
 )
+from coorddet.fp32_boxes import FloatBoxPredictor, FloatBoxRPNHead
 from coorddet.inference import BatchedRegionProposalNetwork, BatchedRoIHeads
 from coorddet.poolers import ChannelsLastTwoMLPHead, MatmulRoIAlign, SingleMapRoIPool
 from coorddet.released import NoRoIHeads
@@ -120,7 +119,7 @@ def _rpn(
     """torchvision's RPN (``RPNHead``, its sampler and losses) with batched post-processing."""
     return BatchedRegionProposalNetwork(
         anchors,
-        RPNHead(body.out_channels, anchors.num_anchors_per_location()[0]),
+        FloatBoxRPNHead(body.out_channels, anchors.num_anchors_per_location()[0]),
         batch_size_per_image=options.rpn_batch_size_per_image,
         pre_nms_top_n={
             "training": options.rpn_pre_nms_top_n_train,
@@ -149,7 +148,7 @@ def _roi_heads(
     box_parts = (
         pooler,
         ChannelsLastTwoMLPHead(body.out_channels * size**2, width),
-        FastRCNNPredictor(width, num_classes),
+        FloatBoxPredictor(width, num_classes),
     )
     mask_parts = {}
     if masks:  # built after the box parts: a seed gives Faster R-CNN's weights for those

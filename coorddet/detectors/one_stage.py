@@ -14,14 +14,18 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.fcos import FCOS, FCOSHead
-from torchvision.models.detection.retinanet import RetinaNet, RetinaNetHead
+from torchvision.models.detection.fcos import FCOS
+from torchvision.models.detection.retinanet import RetinaNet
 from torchvision.models.detection.ssd import SSD
-from torchvision.models.detection.ssdlite import SSDLiteHead
 
 from coorddet.detectors import parts
 from coorddet.detectors.options import AnchorOptions, BoxHeadOptions, ImageOptions
+from coorddet.fp32_boxes import (
+    FloatAnchorGenerator,
+    FloatBoxFCOSHead,
+    FloatBoxRetinaNetHead,
+    FloatBoxSSDLiteHead,
+)
 
 
 def retinanet(
@@ -30,7 +34,9 @@ def retinanet(
     """RetinaNet: focal loss over every anchor, a classification and a regression tower."""
     generator = anchors.generator(image)
     body = parts.backbone(image)
-    head = RetinaNetHead(body.out_channels, generator.num_anchors_per_location()[0], num_classes)
+    head = FloatBoxRetinaNetHead(
+        body.out_channels, generator.num_anchors_per_location()[0], num_classes
+    )
     return _assemble(RetinaNet, body, num_classes, image, box_head,
                      anchor_generator=generator, head=head)  # fmt: skip
 
@@ -47,8 +53,8 @@ def fcos(
         sizes = tuple((stride,) for stride in _strides(body, image))
     else:
         sizes = tuple(tuple(level) for level in anchors.generator(image).sizes)
-    generator = AnchorGenerator(sizes, ((1.0,),) * len(sizes))
-    head = FCOSHead(body.out_channels, 1, num_classes)
+    generator = FloatAnchorGenerator(sizes, ((1.0,),) * len(sizes))
+    head = FloatBoxFCOSHead(body.out_channels, 1, num_classes)
     return _assemble(FCOS, body, num_classes, image, box_head,
                      anchor_generator=generator, head=head)  # fmt: skip
 
@@ -61,7 +67,9 @@ def ssdlite(
     generator = anchors.generator(image)
     body = parts.backbone(image)
     channels = [body.out_channels] * image.spec.feature_maps
-    head = SSDLiteHead(channels, generator.num_anchors_per_location(), num_classes, nn.BatchNorm2d)
+    head = FloatBoxSSDLiteHead(
+        channels, generator.num_anchors_per_location(), num_classes, nn.BatchNorm2d
+    )
     return _assemble(SSD, body, num_classes, image, box_head, anchor_generator=generator,
                      size=image.sizes, head=head)  # fmt: skip
 

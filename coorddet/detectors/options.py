@@ -24,6 +24,7 @@ from coorddet.backbones import (
     PADDINGS,
     BackboneSpec,
 )
+from coorddet.fp32_boxes import FloatAnchorGenerator
 from coorddet.released import ANCHOR_LAYOUTS
 from coorddet.validate import check_choice, check_int, check_number
 
@@ -141,7 +142,7 @@ class AnchorOptions:
         for size in (size for level in per_map for size in level):
             check_int("anchor_sizes", size)
         ratios = tuple(float(ratio) for ratio in self.aspect_ratios)
-        return AnchorGenerator(tuple(per_map), (ratios,) * maps)
+        return FloatAnchorGenerator(tuple(per_map), (ratios,) * maps)
 
 
 @dataclass(frozen=True)

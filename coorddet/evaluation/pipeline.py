@@ -67,6 +67,7 @@ def evaluate(
     trust_checkpoint: bool = False,
     overwrite: bool = False,
     quiet: bool = False,
+    compile_models: bool = False,
 ) -> EvaluationResult:
     """Score every checkpoint and predictions file on ``data``'s ``split``; write the report.
 
@@ -82,7 +83,7 @@ def evaluate(
             memory, :data:`LAZY_WORKERS` for one decoded lazily (:mod:`coorddet.data`).
         score_thresh, rpn_top_k, rpn_nms_iou: the metric settings (:class:`EvalConfig`).
         trust_checkpoint: allow checkpoints that hold Python objects (can run code).
-        quiet: no progress bar or timing lines.
+        quiet: no progress bar or timing lines; compile_models: ``torch.compile`` backbones.
     """
     _check_settings(batch_size, num_workers, precision, rpn_top_k, score_thresh, rpn_nms_iou)
     out, data = Path(out), Path(data)
@@ -119,7 +120,7 @@ def evaluate(
         }
         inference = {"batch_size": batch_size, "num_workers": num_workers, "device": torch_device,
                      "precision": precision, "rpn_top_k": rpn_top_k, "rpn_nms_iou": rpn_nms_iou,
-                     "quiet": quiet}  # fmt: skip
+                     "quiet": quiet, "compile_models": compile_models}  # fmt: skip
         comparison = _compare(loaded, outside_runs, dataset, inference, settings, group=group)
 
         from coorddet.evaluation.reporting import write_report
@@ -180,9 +181,14 @@ def _compare(
         group_name = re.sub(r"[^A-Za-z0-9._+-]+", "_", checkpoint.name).lstrip("._-") or "run"
         name = unique_name(group_name, checkpoint.seed, list(runs))
         model = checkpoint.build_model()
+        if inference.get("compile_models"):
+            from coorddet.compiling import compile_backbone
+
+            compile_backbone(model)
         if is_rpn_only(model):
             without_detections.add(name)
-        records = predict(model, dataset, label=name, **inference)
+        options = {k: v for k, v in inference.items() if k != "compile_models"}
+        records = predict(model, dataset, label=name, **options)
         runs[name] = with_category_ids(records, checkpoint.category_ids)
         sources[name] = f"`{checkpoint.path}` ({checkpoint.describe(dataset.image_sizes)})"
         groups.setdefault(group_name, []).append(name)

@@ -48,10 +48,7 @@ def predict_batch(
         )
     with evaluating(model):
         detections = model(images)
-    return [
-        ImagePrediction.from_detections(image_id, det)
-        for image_id, det in zip(image_ids, detections, strict=True)
-    ]
+    return ImagePrediction.batch(image_ids, detections)
 
 
 class _Images(Dataset):
@@ -103,7 +100,10 @@ def predict(
         ids = list(range(len(images))) if image_ids is None else list(image_ids)
         images, collate = _Images(images, ids), _pairs
     device = torch.device(device)
-    loader = DataLoader(images, batch_size=batch_size, collate_fn=collate, num_workers=num_workers)
+    pin = device.type == "cuda"  # pinned batches: asynchronous copies to the GPU
+    loader = DataLoader(
+        images, batch_size=batch_size, collate_fn=collate, num_workers=num_workers, pin_memory=pin
+    )
     model.to(device)
     records: list[ImagePrediction] = []
     governor = ThreadGovernor(active=None if device.type == "cpu" else False)
@@ -116,8 +116,8 @@ def predict(
         for batch, targets in loader:
             records += predict_batch(
                 model,
-                [image.to(device) for image in batch],
-                image_ids=[int(t["image_id"]) for t in targets],
+                [image.to(device, non_blocking=True) for image in batch],
+                image_ids=[int(t["image_id"]) for t in targets],  # host tensors: no sync
                 proposals=proposals,
                 rpn_top_k=rpn_top_k,
                 rpn_nms_iou=rpn_nms_iou,
