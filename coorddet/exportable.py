@@ -46,9 +46,6 @@ from coorddet.coordconv import CoordConv2d
 from coorddet.errors import UserError
 from coorddet.poolers import MatmulRoIAlign, _stride_scale
 
-OUTPUT_NAMES = ("boxes", "scores", "labels", "counts")
-
-
 def check_exportable(model: nn.Module, what: str) -> None:
     """:class:`UserError` naming ``what`` unless :class:`ExportableDetector` can take ``model``."""
     heads = getattr(model, "roi_heads", None)
@@ -67,26 +64,33 @@ def check_exportable(model: nn.Module, what: str) -> None:
 
 class FixedCoordinateTerm(nn.Module):
     """A :class:`CoordConv2d` for one input size: its convolution plus its coordinate term,
-    computed beforehand by the layer itself (a constant of shape (1 or N, C_out, H, W))."""
+    computed beforehand by the layer itself, one per map size it ran on (a layer of an RPN
+    or a one-stage head runs on every pyramid level): constants of shape (1 or N, C_out, H, W)."""
 
-    def __init__(self, layer: CoordConv2d, term: Tensor) -> None:
+    def __init__(self, layer: CoordConv2d, terms: dict[tuple[int, int], Tensor]) -> None:
         super().__init__()
         self.layer = layer
-        self.register_buffer("term", term.detach().clone())
+        for (height, width), term in terms.items():
+            self.register_buffer(f"term_{height}x{width}", term.detach().clone())
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.layer._conv_forward(x, self.layer.weight, self.layer.bias) + self.term
+        term = getattr(self, f"term_{x.shape[-2]}x{x.shape[-1]}")
+        return self.layer._conv_forward(x, self.layer.weight, self.layer.bias) + term
 
 
 def _freeze_coordinates(model: nn.Module, images: list[Tensor]) -> nn.Module:
     """A copy of ``model`` whose CoordConv layers are :class:`FixedCoordinateTerm` s for
-    ``images``' size (one eager forward records each layer's term)."""
+    ``images``' size (one eager forward records each layer's terms)."""
     model = copy.deepcopy(model).eval()
     layers = {n: m for n, m in model.named_modules() if isinstance(m, CoordConv2d)}
-    terms: dict[str, Tensor] = {}
+    terms: dict[str, dict[tuple[int, int], Tensor]] = {name: {} for name in layers}
+
+    def record(name: str, module: CoordConv2d, x: Tensor) -> None:
+        terms[name][(int(x.shape[-2]), int(x.shape[-1]))] = module.coordinate_term(x)
+
     hooks = [
         layer.register_forward_pre_hook(
-            lambda module, args, name=name: terms.__setitem__(name, module.coordinate_term(args[0]))
+            lambda module, args, name=name: record(name, module, args[0])
         )
         for name, layer in layers.items()
     ]
