@@ -101,7 +101,8 @@ def _check_round_trip(checkpoint_path: Path, fmt: str, out: Path, dataset, *, ba
             found = (boxes[image, :count], scores[image, :count], labels[image, :count])
             for k, value in enumerate(_deviations(found, record)):
                 worst[k] = max(worst[k], value)
-    print(f"{checkpoint_path.parent.parent.name} {fmt}: max box {worst[0]:.2e} px, "
+    backbone = checkpoint.config["model"]["backbone"]
+    print(f"{backbone} {checkpoint_path.parent.parent.name} {fmt} batch {batch}: max box {worst[0]:.2e} px, "
           f"max score {worst[1]:.2e}")  # fmt: skip
 
 
