@@ -120,6 +120,27 @@ def plot_iou_distribution(per_gt_ious_by_run: Mapping[str, np.ndarray], path: st
     return _save(fig, path)
 
 
+def plot_confusion(
+    matrices: Mapping[str, np.ndarray], names: Sequence[str], path: str | Path
+) -> Path:
+    """One panel per run: counts of true (rows) against predicted (columns) categories,
+    ``names`` in matrix order (background last). Returns the path written."""
+    size = max(3.0, 0.45 * len(names) + 1.5)
+    fig = Figure(figsize=(size * max(len(matrices), 1), size), dpi=100)
+    axes = fig.subplots(1, max(len(matrices), 1), squeeze=False)[0]
+    for ax, (run, matrix) in zip(axes, matrices.items(), strict=False):
+        ax.imshow(np.log1p(matrix), cmap="Blues")
+        for (row, column), count in np.ndenumerate(matrix):
+            if count:
+                ax.text(column, row, str(count), ha="center", va="center", fontsize=6)
+        ticks = np.arange(len(names))
+        ax.set_xticks(ticks, names, rotation=90, fontsize=7)
+        ax.set_yticks(ticks, names, fontsize=7)
+        ax.set(xlabel="predicted", ylabel="true", title=run)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def draw_detections(
     pixels: np.ndarray,
     record: Any,
