@@ -31,7 +31,9 @@ def category_names(categories: Sequence[Mapping[str, Any]]) -> dict[int, str]:
     """Category id -> its name, made unique (``name (id)``) where names repeat."""
     names = [str(c["name"]) for c in categories]
     return {
-        int(c["id"]): str(c["name"]) if names.count(str(c["name"])) == 1 else f"{c['name']} ({c['id']})"
+        int(c["id"]): str(c["name"])
+        if names.count(str(c["name"])) == 1
+        else f"{c['name']} ({c['id']})"
         for c in categories
     }
 

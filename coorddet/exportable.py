@@ -46,6 +46,7 @@ from coorddet.coordconv import CoordConv2d
 from coorddet.errors import UserError
 from coorddet.poolers import MatmulRoIAlign, _stride_scale
 
+
 def check_exportable(model: nn.Module, what: str) -> None:
     """:class:`UserError` naming ``what`` unless :class:`ExportableDetector` can take ``model``."""
     heads = getattr(model, "roi_heads", None)
@@ -186,19 +187,25 @@ class ExportableDetector(nn.Module):
         count = len(anchors)
         proposals = rpn.box_coder.decode(deltas.detach(), anchors).view(count, -1, 4)
         objectness = objectness.detach().reshape(count, -1)
-        levels = torch.cat([torch.full((n,), i, dtype=torch.int64) for i, n in enumerate(per_level)])
+        levels = torch.cat(
+            [torch.full((n,), i, dtype=torch.int64) for i, n in enumerate(per_level)]
+        )
         top = rpn._get_top_n_idx(objectness, per_level)
         rows = torch.arange(count)[:, None]
         scores, levels = torch.sigmoid(objectness[rows, top]), levels[top]
         boxes, real = [], []
         for image in range(count):
-            clipped = box_ops.clip_boxes_to_image(proposals[image][top[image]], image_list.image_sizes[image])
+            clipped = box_ops.clip_boxes_to_image(
+                proposals[image][top[image]], image_list.image_sizes[image]
+            )
             widths, heights = clipped[:, 2] - clipped[:, 0], clipped[:, 3] - clipped[:, 1]
             valid = (widths >= rpn.min_size) & (heights >= rpn.min_size)
             valid = valid & (scores[image] >= rpn.score_thresh)
             kept = kept_by_nms(clipped, scores[image], levels[image], valid, rpn.nms_thresh)
             index, chosen = _best(scores[image], kept, rpn.post_nms_top_n())
-            boxes.append(torch.where(chosen[:, None], clipped[index], torch.zeros_like(clipped[index])))
+            boxes.append(
+                torch.where(chosen[:, None], clipped[index], torch.zeros_like(clipped[index]))
+            )
             real.append(chosen)
         return torch.stack(boxes), torch.stack(real)
 
@@ -246,7 +253,9 @@ class ExportableDetector(nn.Module):
             valid = valid & (scores > heads.score_thresh) & (widths >= 1e-2) & (heights >= 1e-2)
             kept = kept_by_nms(boxes, scores, labels, valid, heads.nms_thresh)
             index, chosen = _best(scores, kept, heads.detections_per_img)
-            for output, value in zip(outputs, (boxes[index], scores[index], labels[index], chosen), strict=True):
+            for output, value in zip(
+                outputs, (boxes[index], scores[index], labels[index], chosen), strict=True
+            ):
                 output.append(value)
         boxes, scores, labels, chosen = (torch.stack(output) for output in outputs)
         return boxes, scores, labels, chosen

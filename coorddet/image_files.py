@@ -100,7 +100,9 @@ def ids_from_coco(images: list[ImageFile], coco_file: str | Path) -> list[ImageF
         ) from None
     missing = [image.file_name for image in images if image.file_name not in entries]
     if missing:
-        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        shown = ", ".join(missing[:3]) + (
+            f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        )
         raise UserError(f"--coco {coco_file} does not list {shown} (matched by file_name)")
     matched = [replace(image, image_id=entries[image.file_name][0], size=entries[image.file_name][1])
                for image in images]  # fmt: skip

@@ -157,7 +157,9 @@ def draw_detections(
     image = Image.fromarray(pixels).convert("RGB")
     drawing = ImageDraw.Draw(image)
     keep = np.asarray(record.scores) >= score_thresh
-    boxes, labels, scores = (np.asarray(t)[keep] for t in (record.boxes, record.labels, record.scores))
+    boxes, labels, scores = (
+        np.asarray(t)[keep] for t in (record.boxes, record.labels, record.scores)
+    )
     for box, label, score in zip(boxes.reshape(-1, 4), labels, scores, strict=True):
         x1, y1, x2, y2 = (float(v) for v in box)
         drawing.rectangle((x1, y1, x2, y2), outline=DET_COLOR, width=1)

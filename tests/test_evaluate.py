@@ -183,7 +183,7 @@ def test_per_class_map_is_pycocotools_per_category(report, tiny_dataset, run):
             assert per_class[name]["gt_iou"] is None
     assert weighted / len(truth["annotations"]) == pytest.approx(report.metrics[run]["gt_iou"])
     text = (report.out / "report.md").read_text()
-    assert "## Per class" in text and f"| category | metric | baseline | coordconv |" in text
+    assert "## Per class" in text and "| category | metric | baseline | coordconv |" in text
 
 
 def test_outside_predictions_are_scored_and_images_without_detections_are_misses(report):

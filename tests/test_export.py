@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, assert_user_error, run_cli
 
 from coorddet.checkpoint import load_checkpoint
 from coorddet.data import CocoDataset
 from coorddet.predictions import ImagePrediction, with_category_ids
-from conftest import ROOT, assert_user_error, run_cli
 
 BOX_TOLERANCE = 1e-3  # pixels
 SCORE_TOLERANCE = 1e-4
@@ -56,21 +56,27 @@ def _runner(fmt: str, path: Path):
             "onnxruntime", reason='onnxruntime is not installed: pip install -e ".[export]"'
         )
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        return lambda images: [torch.from_numpy(o) for o in session.run(None, {"images": images.numpy()})]
+        return lambda images: [
+            torch.from_numpy(o) for o in session.run(None, {"images": images.numpy()})
+        ]
     import torchvision  # noqa: F401 - registers torchvision::nms, which the program calls
 
     program = torch.export.load(str(path)).module()
     return lambda images: program(images)
 
 
-def _deviations(exported, reference) -> tuple[float, float]:
+def _deviations(exported, reference) -> tuple[float, float, int]:
     """Max box and score deviation between one image's exported detections and the
-    checkpoint's (a record), matched one to one by label, score and box; fails when a
-    detection has no match or the counts differ."""
+    checkpoint's (a record), matched one to one by label, score and box, and how many were
+    ties: a detection whose only counterpart is another box of the same label and the very
+    same score (1e-6), which non-maximum suppression may keep either of (greedy NMS breaks
+    ties by sort order, which no two implementations share). Fails when the counts differ or
+    a detection has no counterpart at all."""
     boxes, scores, labels = exported
     assert len(boxes) == len(reference.boxes), (len(boxes), len(reference.boxes))
     unused = list(range(len(reference.boxes)))
     worst_box = worst_score = 0.0
+    unmatched = []
     for box, score, label in zip(boxes, scores, labels, strict=True):
         match = next(
             (
@@ -81,11 +87,18 @@ def _deviations(exported, reference) -> tuple[float, float]:
             ),
             None,
         )  # fmt: skip
-        assert match is not None, f"no PyTorch detection matches {box.tolist()} {score} {label}"
+        if match is None:
+            unmatched.append((float(score), int(label), box.tolist()))
+            continue
         unused.remove(match)
         worst_box = max(worst_box, float((reference.boxes[match] - box).abs().max()))
         worst_score = max(worst_score, abs(float(reference.scores[match]) - float(score)))
-    return worst_box, worst_score
+    for score, label, box in unmatched:
+        tie = next((j for j in unused if int(reference.labels[j]) == label
+                    and abs(float(reference.scores[j]) - score) <= 1e-6), None)  # fmt: skip
+        assert tie is not None, f"no PyTorch detection matches {box} {score} {label}"
+        unused.remove(tie)
+    return worst_box, worst_score, len(unmatched)
 
 
 def _check_round_trip(checkpoint_path: Path, fmt: str, out: Path, dataset, *, batch: int,
@@ -103,7 +116,8 @@ def _check_round_trip(checkpoint_path: Path, fmt: str, out: Path, dataset, *, ba
         images = torch.nn.functional.pad(
             images, (0, size[1] - images.shape[-1], 0, size[0] - images.shape[-2])
         )
-    worst = [0.0, 0.0]
+    worst = [0.0, 0.0, 0]  # box, score deviations; ties
+    total = 0
     for start in range(0, len(images) - batch + 1, batch):
         chunk = images[start : start + batch]
         boxes, scores, labels, counts = run(chunk)
@@ -116,12 +130,14 @@ def _check_round_trip(checkpoint_path: Path, fmt: str, out: Path, dataset, *, ba
             count = int(counts[image])
             assert not scores[image, count:].any() and not labels[image, count:].any()
             found = (boxes[image, :count], scores[image, :count], labels[image, :count])
-            for k, value in enumerate(_deviations(found, record)):
-                worst[k] = max(worst[k], value)
+            box, score, ties = _deviations(found, record)
+            worst = [max(worst[0], box), max(worst[1], score), worst[2] + ties]
+            total += count
+    assert worst[2] <= total // 100, f"{worst[2]} ties among {total} detections"  # rare
     backbone = checkpoint.config["model"]["backbone"]
     arm = "coordconv" if checkpoint.coordconv else "baseline"
     print(f"{backbone} {arm} {fmt} batch {batch} {images.shape[-2]}x{images.shape[-1]}: max box {worst[0]:.2e} px, "
-          f"max score {worst[1]:.2e}")  # fmt: skip
+          f"max score {worst[1]:.2e}, {worst[2]} tie(s) broken otherwise among {total}")  # fmt: skip
 
 
 @pytest.mark.slow
@@ -134,7 +150,9 @@ def test_exported_files_return_the_checkpoints_detections(
         pytest.importorskip("onnxscript", reason='not installed: pip install -e ".[export]"')
     dataset = CocoDataset(tiny_dataset, "test")
     for backbone, runs in (("mnist-small", smoke_runs), ("mobilenet-v3-fpn", mobilenet_runs)):
-        checkpoint = sharpened(runs[arm] / "checkpoints" / "best.ckpt", tmp_path / f"{backbone}.ckpt")
+        checkpoint = sharpened(
+            runs[arm] / "checkpoints" / "best.ckpt", tmp_path / f"{backbone}.ckpt"
+        )
         out = tmp_path / f"{backbone}.{'onnx' if fmt == 'onnx' else 'pt2'}"
         _check_round_trip(checkpoint, fmt, out, dataset, batch=2)
 
@@ -142,9 +160,13 @@ def test_exported_files_return_the_checkpoints_detections(
 @pytest.mark.slow
 def test_an_image_size_the_model_resizes_and_pads(smoke_runs, tiny_dataset, tmp_path):
     """48x80 images: resized to 38x64 and padded, so CoordConv's per-image extent matters."""
-    checkpoint = sharpened(smoke_runs["coordconv"] / "checkpoints" / "best.ckpt", tmp_path / "c.ckpt")
+    checkpoint = sharpened(
+        smoke_runs["coordconv"] / "checkpoints" / "best.ckpt", tmp_path / "c.ckpt"
+    )
     dataset = CocoDataset(tiny_dataset, "test")
-    _check_round_trip(checkpoint, "torch-export", tmp_path / "m.pt2", dataset, batch=1, size=(48, 80))
+    _check_round_trip(
+        checkpoint, "torch-export", tmp_path / "m.pt2", dataset, batch=1, size=(48, 80)
+    )
     extra = {"coorddet.json": ""}
     torch.export.load(str(tmp_path / "m.pt2"), extra_files=extra)
     meta = json.loads(extra["coorddet.json"])

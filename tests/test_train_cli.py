@@ -390,7 +390,6 @@ def test_resume_auto_refuses_another_runs_folder_and_restarts_its_own(
     assert "9.9" not in (own / "logs" / "metrics.csv").read_text()
 
 
-
 @pytest.mark.robustness
 @pytest.mark.parametrize("case", FAST_ERRORS)
 def test_user_errors(case: str, tiny_dataset: Path, folder: Path) -> None:

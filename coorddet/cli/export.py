@@ -19,6 +19,7 @@ from typing import Any
 from coorddet.cli import ArgumentParser, add_threads_option, report_errors, threads_option
 from coorddet.errors import UserError
 from coorddet.export_formats import FORMATS
+
 SIZE_PATTERN = re.compile(r"(\d+)x(\d+)")
 
 

@@ -142,7 +142,10 @@ def _predict_into(
 
     categories = {int(c["id"]): str(c["name"]) for c in loaded.categories or []}
     counts = [0, 0]
-    with _JsonList(folder / "predictions.json") as results, _JsonList(folder / "images.json") as listed:
+    with (
+        _JsonList(folder / "predictions.json") as results,
+        _JsonList(folder / "images.json") as listed,
+    ):
         for records in run_batches(model, batches(), total=len(dataset), label=loaded.name,
                                    proposals=False, **_inference(settings)):  # fmt: skip
             records = _with_ids(records, loaded.category_ids, settings["score_thresh"])
