@@ -82,7 +82,7 @@ def predict_images(
             files = ids_from_coco(files, coco)
         readable, skipped = read_headers(files)
         for path, why in skipped:
-            _report_skip(path, why, quiet)
+            _report_skip(path, why)
         if not readable:
             raise UserError(f"none of the {len(files)} input files is a readable image")
 
@@ -106,10 +106,10 @@ def predict_images(
         return ImagesResult(out, written[0], written[1], skipped + late)
 
 
-def _report_skip(path: Path, why: str, quiet: bool) -> None:
+def _report_skip(path: Path, why: str) -> None:
+    """One line on stderr, even with ``quiet``: a skip changes what is written."""
     import sys
 
-    del quiet  # skips are always reported: they change what was written
     print(f"skipped {path}: {why.removeprefix(f'{path}: ')}", file=sys.stderr)
 
 
@@ -134,7 +134,7 @@ def _predict_into(
             for image, target in zip(images, targets, strict=True):
                 if image is None:
                     late.append((files[target["index"]].path, target["error"]))
-                    _report_skip(*late[-1], settings["quiet"])
+                    _report_skip(*late[-1])
             kept = [(i, t) for i, t in zip(images, targets, strict=True) if i is not None]
             if kept:  # run_batches yields records for a batch with images only
                 batch_files.append([files[t["index"]] for _, t in kept])
