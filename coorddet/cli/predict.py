@@ -34,7 +34,7 @@ def parse_args(argv: Sequence[str] | None) -> Any:
         "(matched by file_name, the path below the folder given) instead of 1, 2, ...")  # fmt: skip
     add("--batch-size", type=int, default=64, help="images per inference batch (default: 64)")
     add("--num-workers", type=int, metavar="N", help="DataLoader workers decoding images "
-        "(default: up to 4)")  # fmt: skip
+        "(default: 0 on a CPU, whose cores the inference uses; up to 4 with a GPU)")  # fmt: skip
     add("--device", default="auto", help="cpu, cuda, cuda:1, mps, or auto (default: %(default)s)")
     add("--precision", default="32-true", choices=PRECISIONS,
         help="inference precision; bf16-mixed: bfloat16 autocast (default: %(default)s)")  # fmt: skip

@@ -32,7 +32,7 @@ from coorddet.errors import UserError
 from coorddet.evaluation.inputs import check_out
 from coorddet.locking import hold_folder
 
-LAZY_WORKERS = 4  # default DataLoader workers decoding the files
+LAZY_WORKERS = 4  # default DataLoader workers decoding the files, inference on a GPU
 DRAWN = "drawn"
 
 
@@ -69,7 +69,8 @@ def predict_images(
     ``coco``: a COCO file whose ``images`` give the ids (matched by ``file_name``, the path
     below the folder given); default ids 1, 2, ... in path order. ``score_thresh``:
     detections below it are not written (0: all the model returns, what COCO mAP needs).
-    ``num_workers``: DataLoader workers decoding images (``None``: up to 4). The other
+    ``num_workers``: DataLoader workers decoding images (``None``: 0 for inference on the
+    CPU, where workers would take its cores, up to 4 on a GPU). The other
     arguments are :func:`coorddet.evaluation.evaluate`'s.
     """
     from coorddet.image_files import find_images, ids_from_coco, read_headers
@@ -96,8 +97,9 @@ def predict_images(
         model = loaded.build_model()
         if is_rpn_only(model):
             raise UserError(f"{checkpoint}: an RPN-only model has no detections to predict")
-        if num_workers is None:
-            num_workers = min(LAZY_WORKERS, os.cpu_count() or 1)
+        if num_workers is None:  # on a CPU, workers would take cores from the inference
+            cpu = torch_device.type == "cpu"
+            num_workers = 0 if cpu else min(LAZY_WORKERS, os.cpu_count() or 1)
         settings = {"batch_size": batch_size, "num_workers": num_workers, "device": torch_device,
                     "precision": precision, "score_thresh": score_thresh, "quiet": quiet,
                     "draw_thresh": draw_thresh if draw else None}  # fmt: skip
