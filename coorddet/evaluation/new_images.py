@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -124,6 +125,7 @@ def _predict_into(
 
     from coorddet.evaluation.prediction import run_batches
     from coorddet.image_files import ImageFiles, collate_files
+    from coorddet.predictions import to_coco_results
 
     dataset = ImageFiles(files)
     loader = DataLoader(dataset, batch_size=settings["batch_size"], collate_fn=collate_files,
@@ -144,21 +146,33 @@ def _predict_into(
 
     categories = {int(c["id"]): str(c["name"]) for c in loaded.categories or []}
     counts = [0, 0]
+
+    def write(records: list[Any], batch: list[Any]) -> None:
+        records = _with_ids(records, loaded.category_ids, settings["score_thresh"])
+        listed.extend([{"id": file.image_id, "file_name": file.file_name,
+                        "width": file.size[0], "height": file.size[1]} for file in batch])  # fmt: skip
+        results.extend(to_coco_results(records))
+        counts[0] += len(records)
+        counts[1] += sum(len(record.boxes) for record in records)
+        if settings["draw_thresh"] is not None:
+            for file, record in zip(batch, records, strict=True):
+                _draw(folder, file, record, categories, settings["draw_thresh"])
+
+    # One writer thread, in batch order: formatting the results overlaps the next batch's
+    # inference (torch computes without the GIL), so writing costs the loop almost nothing.
     with (
         _JsonList(folder / "predictions.json") as results,
         _JsonList(folder / "images.json") as listed,
+        ThreadPoolExecutor(max_workers=1) as writer,
     ):
+        pending: list[Future] = []
         for records in run_batches(model, batches(), total=len(dataset), label=loaded.name,
                                    proposals=False, **_inference(settings)):  # fmt: skip
-            records = _with_ids(records, loaded.category_ids, settings["score_thresh"])
-            for file, record in zip(batch_files.pop(0), records, strict=True):
-                listed.add({"id": file.image_id, "file_name": file.file_name,
-                            "width": file.size[0], "height": file.size[1]})  # fmt: skip
-                results.extend(_coco_results(record))
-                counts[0] += 1
-                counts[1] += len(record.boxes)
-                if settings["draw_thresh"] is not None:
-                    _draw(folder, file, record, categories, settings["draw_thresh"])
+            pending.append(writer.submit(write, records, batch_files.pop(0)))
+            while pending and pending[0].done():
+                pending.pop(0).result()  # a failed write stops the run here
+        for future in pending:
+            future.result()
     return (counts[0], counts[1]), late
 
 
@@ -188,12 +202,6 @@ def _with_ids(records: list[Any], category_ids: Any, score_thresh: float) -> lis
     return kept
 
 
-def _coco_results(record: Any) -> list[dict[str, Any]]:
-    from coorddet.predictions import to_coco_results
-
-    return to_coco_results([record])
-
-
 def _draw(folder: Path, file: Any, record: Any, categories: dict[int, str], thresh: float) -> None:
     from coorddet.images import read_image
     from coorddet.plots import draw_detections
@@ -216,14 +224,14 @@ class _JsonList:
         self.file.write("[")
         return self
 
-    def add(self, item: Any) -> None:
-        assert self.file is not None
-        self.file.write(("\n" if self.first else ",\n") + json.dumps(item, allow_nan=False))
-        self.first = False
-
     def extend(self, items: list[Any]) -> None:
-        for item in items:
-            self.add(item)
+        """Append ``items``: one ``json.dumps`` of the batch (C-encoded), not one per item."""
+        assert self.file is not None
+        if items:
+            self.file.write(
+                ("\n" if self.first else ",\n") + json.dumps(items, allow_nan=False)[1:-1]
+            )
+            self.first = False
 
     def __exit__(self, kind: Any, error: Any, trace: Any) -> None:
         assert self.file is not None
