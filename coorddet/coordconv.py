@@ -154,18 +154,20 @@ class CoordConv2d(nn.Conv2d):
         """Coordinate channels for ``x`` (N, C, H, W): (1 or N, 2 or 3, H, W)."""
         return coordinates(self.add_coords._grids, self.image_extent, x, self.with_r)
 
-    def forward(self, input: Tensor) -> Tensor:
+    def coordinate_term(self, input: Tensor) -> Tensor:
+        """The coordinate channels' convolution for ``input`` (N, C, H, W): (1 or N,
+        out_channels, H_out, W_out), added to the input's convolution by :meth:`forward`."""
         coords = self.coordinates(input)
         if self.coord_weight.is_contiguous(memory_format=torch.channels_last):
             # A channels_last model: an NCHW grid would take oneDNN's slow reference path.
             coords = coords.contiguous(memory_format=torch.channels_last)
         if self.padding_mode != "zeros":  # pad as nn.Conv2d does, then convolve unpadded
             coords = F.pad(coords, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            coord_term = F.conv2d(coords, self.coord_weight, None, self.stride, 0, self.dilation)
-        else:
-            coord_term = F.conv2d(
-                coords, self.coord_weight, None, self.stride, self.padding, self.dilation
-            )
+            return F.conv2d(coords, self.coord_weight, None, self.stride, 0, self.dilation)
+        return F.conv2d(coords, self.coord_weight, None, self.stride, self.padding, self.dilation)
+
+    def forward(self, input: Tensor) -> Tensor:
+        coord_term = self.coordinate_term(input)
         out = self._conv_forward(input, self.weight, self.bias)
         if not torch.jit.is_scripting():
             if coord_term.shape[0] == 1:

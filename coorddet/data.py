@@ -194,12 +194,7 @@ class CocoDataset(Dataset):
                 f"transforms must return an {'(H, W)' if self.channels == 1 else '(H, W, 3)'} "
                 f"uint8 image, got {pixels.dtype} {pixels.shape}"
             )
-        if self.channels == 1:
-            image = torch.from_numpy(np.ascontiguousarray(pixels)).to(torch.float32).div_(255.0)
-            image = image.unsqueeze(0)
-        else:  # (H, W, 3) -> (3, H, W), converted and laid out in one copy
-            image = torch.from_numpy(pixels).permute(2, 0, 1)
-            image = image.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
+        image = image_tensor(pixels)
         target = {
             "boxes": torch.from_numpy(xywh_to_xyxy(boxes)),
             "labels": torch.from_numpy(labels.copy()),
@@ -261,6 +256,16 @@ class CocoDataset(Dataset):
             from coorddet.transforms import reseed  # albumentations: only when augmenting
 
             reseed(self.transforms, seed)
+
+
+def image_tensor(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 ``(H, W)`` or ``(H, W, 3)`` pixels -> float32 ``(1 or 3, H, W)`` in ``[0, 1]``."""
+    pixels = np.require(pixels, requirements=("C", "W"))  # Pillow's arrays are read-only
+    if pixels.ndim == 2:
+        return torch.from_numpy(pixels).to(torch.float32).div_(255.0).unsqueeze(0)
+    # (H, W, 3) -> (3, H, W), converted and laid out in one copy
+    image = torch.from_numpy(pixels).permute(2, 0, 1)
+    return image.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
 
 
 def collate_detection(

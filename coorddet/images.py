@@ -52,6 +52,19 @@ def image_channels(file: Path, size: tuple[int, int], listed: str) -> int:
         return _channels(image, file, listed)
 
 
+def image_header(file: Path, listed: str) -> tuple[tuple[int, int], int]:
+    """``((width, height), channels)`` of ``file`` as :func:`read_image` would give it (the
+    size as displayed, after the EXIF orientation), from its header alone.
+
+    Raises:
+        UserError: the file is missing, not an image, or of an unsupported mode.
+    """
+    with _open(file, listed) as image:
+        width, height = image.size
+        shown = (height, width) if _orientation(image) in _SWAPS_SIDES else (width, height)
+        return shown, _channels(image, file, listed)
+
+
 def read_image(
     file: Path, size: tuple[int, int], listed: str, channels: int | None = None
 ) -> np.ndarray:

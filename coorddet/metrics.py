@@ -163,10 +163,28 @@ def coco_metrics(
     truth without a well-formed ``segmentation``, raise UserError.
     """
     keys = {"bbox": COCO_KEYS, "segm": SEGM_KEYS}[iou_type]
+    evaluator = coco_evaluator(coco_gt, results, image_ids=image_ids, iou_type=iou_type)
+    if evaluator is None:
+        return dict.fromkeys(keys, math.nan)
+    return {
+        k: math.nan if v < 0 else float(v) for k, v in zip(keys, evaluator.stats[:9], strict=True)
+    }
+
+
+def coco_evaluator(
+    coco_gt: COCO,
+    results: list[dict[str, Any]],
+    *,
+    image_ids: Iterable[int] | None = None,
+    iou_type: str = "bbox",
+) -> COCOeval | None:
+    """pycocotools' ``COCOeval`` of ``results`` over ``image_ids``, evaluated, accumulated and
+    summarized (``stats``, ``eval["precision"]``), as :func:`coco_metrics` describes; ``None``
+    for no images."""
     ids = sorted({int(i) for i in (coco_gt.getImgIds() if image_ids is None else image_ids)})
     _check_known(coco_gt, ids + [r["image_id"] for r in results])
     if not ids:
-        return dict.fromkeys(keys, math.nan)
+        return None
     if iou_type == "segm":
         _check_mask_ground_truth(coco_gt, ids)
         results = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
@@ -186,9 +204,7 @@ def coco_metrics(
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    return {
-        k: math.nan if v < 0 else float(v) for k, v in zip(keys, evaluator.stats[:9], strict=True)
-    }
+    return evaluator
 
 
 def _check_mask_ground_truth(coco_gt: COCO, image_ids: Iterable[int]) -> None:

@@ -1,7 +1,10 @@
-"""Report plots: detections side by side on the same canvases, and per-ground-truth IoU curves.
+"""Report plots: detections side by side on the same canvases, per-ground-truth IoU curves, the
+confusion matrix; and one image with its detections drawn at its own size (``coorddet.predict
+--draw``).
 
-Uses matplotlib's object API (``Figure``, no pyplot): no display, no global backend switch.
-Files are written whole (temp file + rename).
+Uses matplotlib's object API (``Figure``, no pyplot): no display, no global backend switch;
+single images are drawn with Pillow, pixel for pixel. Files are written whole (temp file +
+rename).
 """
 
 from __future__ import annotations
@@ -115,6 +118,64 @@ def plot_iou_distribution(per_gt_ious_by_run: Mapping[str, np.ndarray], path: st
             ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     return _save(fig, path)
+
+
+def plot_confusion(
+    matrices: Mapping[str, np.ndarray], names: Sequence[str], path: str | Path
+) -> Path:
+    """One panel per run: counts of true (rows) against predicted (columns) categories,
+    ``names`` in matrix order (background last). Returns the path written."""
+    size = max(3.0, 0.45 * len(names) + 1.5)
+    fig = Figure(figsize=(size * max(len(matrices), 1), size), dpi=100)
+    axes = fig.subplots(1, max(len(matrices), 1), squeeze=False)[0]
+    for ax, (run, matrix) in zip(axes, matrices.items(), strict=False):
+        ax.imshow(np.log1p(matrix), cmap="Blues")
+        for (row, column), count in np.ndenumerate(matrix):
+            if count:
+                ax.text(column, row, str(count), ha="center", va="center", fontsize=6)
+        ticks = np.arange(len(names))
+        ax.set_xticks(ticks, names, rotation=90, fontsize=7)
+        ax.set_yticks(ticks, names, fontsize=7)
+        ax.set(xlabel="predicted", ylabel="true", title=run)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def draw_detections(
+    pixels: np.ndarray,
+    record: Any,
+    path: str | Path,
+    *,
+    categories: Mapping[int, str],
+    score_thresh: float = 0.5,
+) -> Path:
+    """A PNG of ``pixels`` (uint8 ``(H, W)`` or ``(H, W, 3)``) at its own size, in colour,
+    with ``record``'s detections scoring at least ``score_thresh`` (an
+    ``ImagePrediction``, category ids) as boxes labelled ``name score``."""
+    from PIL import Image, ImageDraw
+
+    image = Image.fromarray(pixels).convert("RGB")
+    drawing = ImageDraw.Draw(image)
+    keep = np.asarray(record.scores) >= score_thresh
+    boxes, labels, scores = (
+        np.asarray(t)[keep] for t in (record.boxes, record.labels, record.scores)
+    )
+    for box, label, score in zip(boxes.reshape(-1, 4), labels, scores, strict=True):
+        x1, y1, x2, y2 = (float(v) for v in box)
+        drawing.rectangle((x1, y1, x2, y2), outline=DET_COLOR, width=1)
+        text = f"{categories.get(int(label), str(int(label)))} {float(score):.2f}"
+        left, top, right, bottom = drawing.textbbox((x1, y1), text)
+        drawing.rectangle((left, top, right, bottom), fill="black")
+        drawing.text((x1, y1), text, fill=DET_COLOR)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        image.save(temporary, format="PNG")
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
 
 
 def _save(fig: Figure, path: str | Path) -> Path:

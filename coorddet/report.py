@@ -126,6 +126,31 @@ def metrics_table(
     return _table(header, rows)
 
 
+def per_class_table(
+    columns: Mapping[str, Mapping[str, Any]], baseline: str | None, compared: Sequence[str]
+) -> list[str]:
+    """Markdown lines: one row per category and per-class metric (``map``, ``map_50``,
+    ``gt_iou``), runs as columns, then each compared run's change against ``baseline``; no
+    lines when no run has ``per_class``."""
+    names = [n for n in columns if "per_class" in columns[n]]
+    if not names:
+        return []
+    others = [n for n in compared if baseline in names and n != baseline and n in names]
+    header = ["category", "metric", *names, *(f"{n} vs {baseline}" for n in others)]
+    rows = []
+    for category, values in columns[names[0]]["per_class"].items():
+        for key in values:
+            cells = [category, key]
+            cells += [format_number(columns[n]["per_class"][category].get(key)) for n in names]
+            cells += [
+                format_percent(relative_change(columns[n]["per_class"][category].get(key),
+                                               columns[baseline]["per_class"][category].get(key)))
+                for n in others
+            ]  # fmt: skip
+            rows.append(cells)
+    return _table(header, rows)
+
+
 def format_stats(stats: Mapping[str, Any], digits: int = 4, *, spread: bool = True) -> str:
     """An :func:`aggregate`'s mean, std and 95% CI: ``0.1234 ± 0.0100 [0.1000, 0.1500] (n=3)``
     (``spread=False``: ``0.1234 [0.1000, 0.1500]``), or ``-`` when undefined."""
@@ -195,6 +220,16 @@ def render_report(
         + ". Changes are relative to the baseline.",
         "",
     ]
+    classes = per_class_table(runs, baseline, compared)
+    if classes:
+        lines += ["## Per class", ""] + classes + [""]
+        lines += [
+            "map, map_50: pycocotools' per-category precision (COCOeval.eval['precision']), "
+            "averaged as COCOeval.summarize does; gt_iou: as above, on the category's ground "
+            "truth alone. confusion.png: true against predicted category at IoU >= 0.5 "
+            "(detections with score >= score_thresh), background for what matched nothing.",
+            "",
+        ]
     if plots:
         lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     return "\n".join(lines)

@@ -125,6 +125,8 @@ CONSOLE_SCRIPTS = {
     "coorddet-train": "train.py",
     "coorddet-evaluate": "-m coorddet.evaluate",
     "coorddet-generate": "-m data_gen",
+    "coorddet-predict": "-m coorddet.predict",
+    "coorddet-export": "-m coorddet.export",
 }
 
 

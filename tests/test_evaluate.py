@@ -123,7 +123,7 @@ RUNS = ["baseline", "coordconv", "truth", "partial"]
 
 def test_report_folder_holds_the_pinned_files(report):
     assert sorted(p.name for p in report.out.iterdir()) == sorted(
-        ["metrics.json", "report.md", "detections.png", "iou_distribution.png"]
+        ["metrics.json", "report.md", "detections.png", "iou_distribution.png", "confusion.png"]
         + [f"predictions_{run}.json" for run in RUNS]
     )
     assert [p.name for p in report.out.parent.iterdir() if p.name.startswith(".")] == []
@@ -132,8 +132,10 @@ def test_report_folder_holds_the_pinned_files(report):
 def test_metrics_json_has_every_pinned_key_per_run(report):
     assert list(report.metrics) == RUNS
     for run, values in report.metrics.items():
-        assert list(values) == list(METRIC_KEYS), run
+        assert list(values) == [*METRIC_KEYS, "per_class"], run
         for key, value in values.items():
+            if key == "per_class":
+                continue
             assert value is None or (isinstance(value, float) and 0.0 <= value <= 1.0), (run, key)
         assert values["map_large"] is None  # no digit of the tiny data is large: null, not NaN
     assert report.metrics["baseline"]["rpn_iou"] is not None
@@ -151,6 +153,37 @@ def test_predictions_rescored_by_pycocotools_give_metrics_json(report, tiny_data
             assert expected is None, key
         else:
             assert expected == pytest.approx(float(stat), abs=1e-12), key
+
+
+@pytest.mark.parametrize("run", ["baseline", "partial"])
+def test_per_class_map_is_pycocotools_per_category(report, tiny_dataset, run):
+    """Each category's map and map_50 are what pycocotools gives when it scores that category
+    alone; gt_iou per class, weighted by the boxes of each class, is the run's gt_iou."""
+    per_class = report.metrics[run]["per_class"]
+    results = json.loads((report.out / f"predictions_{run}.json").read_text())
+    truth = annotations(tiny_dataset)
+    names = {c["id"]: c["name"] for c in truth["categories"]}
+    assert list(per_class) == [names[i] for i in sorted(names)]
+    weighted = 0.0
+    for category_id, name in names.items():
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco_gt = COCO(str(tiny_dataset / "annotations" / "instances_test.json"))
+            evaluator = COCOeval(coco_gt, coco_gt.loadRes(results), "bbox")
+            evaluator.params.catIds = [category_id]
+            evaluator.evaluate()
+            evaluator.accumulate()
+            evaluator.summarize()
+        for key, stat in zip(("map", "map_50"), evaluator.stats[:2], strict=True):
+            expected = None if stat < 0 else pytest.approx(float(stat), abs=1e-12)
+            assert per_class[name][key] == expected, (name, key)
+        boxes = sum(a["category_id"] == category_id for a in truth["annotations"])
+        if boxes:
+            weighted += per_class[name]["gt_iou"] * boxes
+        else:
+            assert per_class[name]["gt_iou"] is None
+    assert weighted / len(truth["annotations"]) == pytest.approx(report.metrics[run]["gt_iou"])
+    text = (report.out / "report.md").read_text()
+    assert "## Per class" in text and "| category | metric | baseline | coordconv |" in text
 
 
 def test_outside_predictions_are_scored_and_images_without_detections_are_misses(report):
@@ -187,7 +220,7 @@ def test_report_md_compares_runs_with_the_baseline(report, tiny_dataset, checkpo
 
 
 def test_plots_are_whole_png_files(report):
-    for name in ("detections.png", "iou_distribution.png"):
+    for name in ("detections.png", "iou_distribution.png", "confusion.png"):
         with Image.open(report.out / name) as image:
             image.verify()
             assert image.format == "PNG"

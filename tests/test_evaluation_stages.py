@@ -18,6 +18,7 @@ from coorddet.evaluation import (
     predict,
     predict_batch,
     score,
+    score_per_class,
     score_runs,
     write_report,
 )
@@ -43,7 +44,8 @@ def test_predict_then_score_gives_evaluate_s_metrics(tiny_dataset, evaluated):
     assert all(r.proposals is not None and len(r.proposals) <= 10 for r in records)
     records = with_category_ids(records, checkpoint.category_ids)
     metrics = score(dataset.coco, records, image_ids=dataset.image_ids)
-    assert metrics == evaluated["metrics"]
+    per_class = score_per_class(dataset.coco, {"a": records}, image_ids=dataset.image_ids)["a"]
+    assert {**metrics, "per_class": per_class} == evaluated["metrics"]
     assert score_runs(dataset.coco, {"a": records}, image_ids=dataset.image_ids) == {"a": metrics}
 
 
@@ -82,9 +84,13 @@ def test_write_report_writes_every_file_from_scored_runs(tmp_path, tiny_dataset,
     dataset = CocoDataset(tiny_dataset, "test")
     records = with_category_ids(predict(checkpoint.build_model(), dataset), checkpoint.category_ids)
     runs = {"mine": records}
+    metrics = score_runs(dataset.coco, runs, image_ids=dataset.image_ids)
+    metrics["mine"]["per_class"] = score_per_class(dataset.coco, runs, image_ids=dataset.image_ids)[
+        "mine"
+    ]
     comparison = Comparison(
         runs=runs,
-        metrics=score_runs(dataset.coco, runs, image_ids=dataset.image_ids),
+        metrics=metrics,
         sources={"mine": "the predict stage"},
         baseline="mine",
         settings={"score_thresh": 0.5},
@@ -94,3 +100,4 @@ def test_write_report_writes_every_file_from_scored_runs(tmp_path, tiny_dataset,
     assert names == {"metrics.json", "predictions_mine.json", "report.md", *PLOTS}
     assert json.loads((out / "metrics.json").read_text()) == {"mine": evaluated["metrics"]}
     assert "the predict stage" in (out / "report.md").read_text()
+    assert "## Per class" in (out / "report.md").read_text()

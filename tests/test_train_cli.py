@@ -2,7 +2,8 @@
 
 Real tiny data (``data_gen``) and real training, cut short with ``--limit-*-batches``. The
 costly runs are few: the shared ``smoke_runs``, one rerun (same seed), one 2-process DDP run,
-one run killed by SIGKILL and resumed, one resume whose loss becomes NaN.
+one run started and, killed by SIGKILL, resumed by ``--resume auto``, one resume whose loss
+becomes NaN.
 """
 
 from __future__ import annotations
@@ -110,6 +111,17 @@ def test_smoke_run_writes_the_pinned_outputs(smoke_runs: dict[str, Path], name: 
     assert {"loss", "loss_classifier", "loss_box_reg", "loss_objectness", "img_s"} <= set(rows[0])
     assert sum(1 for row in rows if row.get("loss")) == 3  # smoke.yaml: limit_train_batches 3
     assert not list(run.rglob(".*.tmp"))
+
+
+def test_tensorboard_logs_beside_the_csv_log(smoke_runs: dict[str, Path]) -> None:
+    pytest.importorskip("tensorboard", reason='not installed: pip install -e ".[tensorboard]"')
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(smoke_runs["baseline"] / "tensorboard"))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"loss", "map", "rpn_iou"} <= scalars, scalars
+    assert len(events.Scalars("loss")) == 3  # one per logged training step, as metrics.csv
 
 
 def test_same_seed_same_metrics_and_overwrite(
@@ -250,7 +262,9 @@ def test_resume_after_sigkill_mid_epoch(tiny_dataset: Path, tmp_path: Path) -> N
         "--max-epochs", "2", "--limit-train-batches", "3", "--limit-val-batches", "1",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    process = subprocess.Popen(args, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    # --resume auto on a folder that does not exist yet: a first run
+    process = subprocess.Popen([*args, "--resume", "auto"], cwd=ROOT, env=env,
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
     log = out / "logs" / "metrics.csv"
     deadline = time.monotonic() + 240
     try:
@@ -271,7 +285,7 @@ def test_resume_after_sigkill_mid_epoch(tiny_dataset: Path, tmp_path: Path) -> N
     killed = read_csv(log)
     first_step_of_epoch_1 = next(r for r in killed if r["epoch"] == "1" and r["loss"])
 
-    result = run_cli(*args[1:], "--resume", "last")
+    result = run_cli(*args[1:], "--resume", "auto")  # the requeued job: continues
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((out / "metrics.json").read_text())["epochs"] == 2
     rows = read_csv(log)
@@ -348,7 +362,32 @@ FAST_ERRORS = {
     "missing dataset": (["--data", "{folder}/no-data"], ["no-data", "python -m data_gen"]),
     "run dir exists": (["--out", "{folder}"], ["--resume", "--overwrite", "{folder}"]),
     "resume nothing": (["--out", "{folder}/fresh", "--resume", "last"], ["--resume", "last.ckpt"]),
+    "resume auto, not a run": (["--out", "{folder}", "--resume", "auto"],
+                               ["--resume auto", "another run's files", "no config.yaml"]),
 }  # fmt: skip
+
+
+def test_resume_auto_refuses_another_runs_folder_and_restarts_its_own(
+    smoke_runs: dict[str, Path], tiny_dataset: Path, tmp_path: Path
+) -> None:
+    other = tmp_path / "other"
+    shutil.copytree(smoke_runs["coordconv"], other)
+    before = sorted((str(p), p.stat().st_mtime_ns) for p in other.rglob("*"))
+    result = train("--data", tiny_dataset, "--out", other, "--no-coordconv", "--resume", "auto")
+    assert_user_error(result, "another run's files", "name 'coordconv' (now 'baseline')")
+    assert sorted((str(p), p.stat().st_mtime_ns) for p in other.rglob("*")) == before
+    # This run's files from before its first checkpoint (killed in epoch 0): started again.
+    own = tmp_path / "own"
+    own.mkdir()
+    config = yaml.safe_load((smoke_runs["baseline"] / "config.yaml").read_text())
+    (own / "config.yaml").write_text(yaml.safe_dump({**config, "out": str(own)}))
+    (own / "logs").mkdir()
+    (own / "logs" / "metrics.csv").write_text("epoch,step,loss\n0,0,9.9\n")
+    result = train("--data", tiny_dataset, "--out", own, "--no-coordconv", "--resume", "auto",
+                   "--quiet")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((own / "metrics.json").read_text())["epochs"] == 1
+    assert "9.9" not in (own / "logs" / "metrics.csv").read_text()
 
 
 @pytest.mark.robustness

@@ -51,6 +51,59 @@ def resume_path(flag: str, out: Path) -> Path:
     return path
 
 
+# What makes a run folder's files "this run's" for --resume auto: the same name and seed, the
+# same data and splits, the same detector, backbone and arm. Other settings may change on a
+# resume as with --resume last (a larger max_epochs, other devices).
+RUN_IDENTITY = (("name",), ("seed",), ("data", "data_dir"), ("data", "train_split"),
+                ("data", "val_split"), ("model", "detector"), ("model", "backbone"),
+                ("model", "coordconv"))  # fmt: skip
+
+
+def run_identity(config: dict[str, Any]) -> dict[str, Any]:
+    """The :data:`RUN_IDENTITY` values of a resolved config (``TrainConfig.to_dict()``, a run
+    folder's ``config.yaml``, a checkpoint's config); the data folder as an absolute path."""
+    identity = {}
+    for path in RUN_IDENTITY:
+        value: Any = config
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        if path == ("data", "data_dir") and value is not None:
+            value = os.path.abspath(value)
+        identity[".".join(path)] = value
+    return identity
+
+
+def auto_resume(out: Path, identity: dict[str, Any]) -> tuple[Path | None, bool]:
+    """``--resume auto``: ``(checkpoint, replace)``. ``(OUT/checkpoints/last.ckpt, False)``
+    when ``out`` holds this run (its ``config.yaml`` has ``identity``) and that checkpoint;
+    ``(None, replace)`` to start fresh: ``out`` is missing or empty (``replace`` False), or
+    holds only this run's files from before its first checkpoint (``replace`` True: they
+    go). Any other folder is refused: it holds another run's files."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"run directory {out} exists and is not a directory; pick another --out")
+    if not out.is_dir() or not any(out.iterdir()):
+        return None, False
+    written = out / "config.yaml"
+    theirs = None
+    if written.is_file():
+        from coorddet.config import load_yaml
+
+        try:
+            theirs = run_identity(load_yaml(written))
+        except UserError:
+            theirs = None
+    if theirs != identity:
+        differ = ("no config.yaml" if theirs is None else "; ".join(
+            f"{key} {theirs[key]!r} (now {value!r})" for key, value in identity.items()
+            if theirs[key] != value))  # fmt: skip
+        raise UserError(
+            f"--resume auto: run directory {out} holds another run's files ({differ}); "
+            "pass --overwrite to replace them or choose another --out"
+        )
+    last = out / "checkpoints" / "last.ckpt"
+    return (last, False) if last.is_file() else (None, True)
+
+
 @dataclass
 class ResumePoint:
     """What a resumed run needs to know about its checkpoint before Lightning loads it."""

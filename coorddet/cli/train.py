@@ -35,10 +35,12 @@ from coorddet.cli import (
 )
 from coorddet.cli.rundir import (
     ResumePoint,
+    auto_resume,
     check_out_dir,
     is_rank_zero,
     read_resume_point,
     resume_path,
+    run_identity,
     trim_csv_log,
 )
 from coorddet.config import DataConfig, TrainConfig, build_config, dump_yaml, load_yaml
@@ -122,9 +124,10 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Any, dict[str, Any]]:
     add("--augment", action=bool_flag, help="albumentations on the training split (default: on)")
     add("--compile", action=bool_flag, help="torch.compile the backbone (default: off; "
         "docs/speed.md has where it pays)")  # fmt: skip
-    add("--resume", metavar="last|PATH", help="continue from OUT/checkpoints/last.ckpt or PATH: "
-        "epoch, weights, optimizer, schedule and RNG state; model settings come from the "
-        "checkpoint; --max-epochs may be raised")  # fmt: skip
+    add("--resume", metavar="last|auto|PATH", help="continue from OUT/checkpoints/last.ckpt "
+        "or PATH: epoch, weights, optimizer, schedule and RNG state; model settings come from "
+        "the checkpoint; --max-epochs may be raised. auto: continue when OUT holds this run's "
+        "last.ckpt, else start it (one command for a first run and a requeue)")  # fmt: skip
     add("--limit-train-batches", type=number, metavar="N|FRAC", help="batches (int) or fraction")
     add("--limit-val-batches", type=number, metavar="N|FRAC", help="batches (int) or fraction")
     add("--overwrite", action="store_true", help="delete and replace an existing run directory")
@@ -274,9 +277,14 @@ def _train(
 ) -> int:
     out = config.out_dir
     rank_zero = is_rank_zero()
-    checkpoint = resume_path(args.resume, out) if args.resume else None
+    replace = args.overwrite
+    if args.resume == "auto":  # this run's checkpoint if the folder has one, else a fresh start
+        checkpoint, replace = auto_resume(out, run_identity(config.to_dict()))
+        replace = replace and rank_zero  # DDP's other processes never delete
+    else:
+        checkpoint = resume_path(args.resume, out) if args.resume else None
     if checkpoint is None and rank_zero:
-        check_out_dir(out, overwrite=args.overwrite)
+        check_out_dir(out, overwrite=replace)
 
     import lightning as L
 
@@ -287,6 +295,11 @@ def _train(
     from coorddet.system import share_threads
 
     resume = read_resume_point(checkpoint) if checkpoint else None
+    if resume is not None and args.resume == "auto":
+        found = run_identity(resume.checkpoint.config)
+        if found != run_identity(config.to_dict()):
+            raise UserError(f"--resume auto: {checkpoint} is another run's checkpoint ({found}); "
+                            "pass --overwrite to replace the run or choose another --out")  # fmt: skip
     # Model settings the user gave (config file or flags): never replaced by the data's.
     explicit = set(raw.get("model") or {}) | {
         key.removeprefix("model.") for key in overrides if key.startswith("model.")
@@ -309,7 +322,7 @@ def _train(
     if trainer.world_size > 1:
         share_threads(trainer.num_devices)  # DDP: the free cores, divided; inherited
     if rank_zero:  # DDP's other processes start inside fit(), after this
-        _write_run_dir(config, overwrite=args.overwrite, resume=resume)
+        _write_run_dir(config, overwrite=replace, resume=resume)
 
     started = time.perf_counter()
     failed = _fit(trainer, module, datamodule, checkpoint, out=out, rank_zero=rank_zero)

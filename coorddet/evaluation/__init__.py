@@ -25,6 +25,7 @@ _EXPORTS = {
     "predict_batch": "coorddet.evaluation.prediction",
     "score": "coorddet.evaluation.scoring",
     "score_runs": "coorddet.evaluation.scoring",
+    "score_per_class": "coorddet.evaluation.scoring",
     "Comparison": "coorddet.evaluation.reporting",
     "write_report": "coorddet.evaluation.reporting",
     "PLOTS": "coorddet.evaluation.reporting",

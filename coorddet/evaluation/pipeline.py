@@ -161,7 +161,7 @@ def _compare(
     When any run has instance masks, every run is also scored on masks (``segm_*``)."""
     from coorddet.evaluation.prediction import predict
     from coorddet.evaluation.reporting import Comparison
-    from coorddet.evaluation.scoring import score_runs
+    from coorddet.evaluation.scoring import score_per_class, score_runs
     from coorddet.models import is_rpn_only
     from coorddet.predictions import check_segmentation_sizes, with_category_ids
     from coorddet.report import aggregate_groups
@@ -199,13 +199,11 @@ def _compare(
         runs[name] = records
         sources[name] = f"`{path}` (outside predictions)"
         groups.setdefault(given, []).append(name)
-    metrics = score_runs(
-        dataset.coco,
-        runs,
-        image_ids=dataset.image_ids,
-        score_thresh=settings["score_thresh"],
-        without_detections=without_detections,
-    )
+    scoring = {"image_ids": dataset.image_ids, "score_thresh": settings["score_thresh"],
+               "without_detections": without_detections}  # fmt: skip
+    metrics: dict[str, Any] = score_runs(dataset.coco, runs, **scoring)
+    for name, per_class in score_per_class(dataset.coco, runs, **scoring).items():
+        metrics[name]["per_class"] = per_class
     return Comparison(
         runs=runs,
         metrics=metrics,

@@ -12,7 +12,7 @@ with :func:`coorddet.predictions.with_category_ids`.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -104,31 +104,68 @@ def predict(
     loader = DataLoader(
         images, batch_size=batch_size, collate_fn=collate, num_workers=num_workers, pin_memory=pin
     )
-    model.to(device)
+    batches = (
+        ([image for image in batch], [int(t["image_id"]) for t in targets], len(batch))
+        for batch, targets in loader
+    )  # image ids: host tensors, no sync
     records: list[ImagePrediction] = []
+    for batch_records in run_batches(
+        model, batches, total=len(images), batch_size=batch_size, device=device,
+        precision=precision, proposals=proposals, rpn_top_k=rpn_top_k,
+        rpn_nms_iou=rpn_nms_iou, label=label, quiet=quiet,
+    ):  # fmt: skip
+        records += batch_records
+    return records
+
+
+def run_batches(
+    model: nn.Module,
+    batches: Iterable[tuple[list[Tensor], list[int], int]],
+    *,
+    total: int,
+    batch_size: int,
+    device: str | torch.device = "cpu",
+    precision: str = "32-true",
+    proposals: bool = True,
+    rpn_top_k: int = 10,
+    rpn_nms_iou: float = 0.8,
+    label: str = "model",
+    quiet: bool = True,
+) -> Iterator[list[ImagePrediction]]:
+    """:func:`predict_batch` for each ``(images, image_ids, advance)`` of ``batches`` (CPU
+    tensors, moved to ``device``; ``advance``: images the batch accounts for, skipped ones
+    included), yielding each batch's records as it is done: what :func:`predict` collects
+    and ``coorddet.predict`` writes as it goes. A progress bar over ``total`` images and,
+    unless ``quiet``, the closing timing line (img/s)."""
+    device = torch.device(device)
+    model.to(device)
     governor = ThreadGovernor(active=None if device.type == "cpu" else False)
     started = time.perf_counter()
     console = Console(stderr=True)  # stdout keeps only the results; no bar in CI logs
     bar = Progress(console=console, disable=quiet or not console.is_terminal, transient=True)
     bf16 = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
-    with bar as progress, torch.inference_mode(), bf16:
-        task = progress.add_task(f"{label}: inference", total=len(images))
-        for batch, targets in loader:
-            records += predict_batch(
-                model,
-                [image.to(device, non_blocking=True) for image in batch],
-                image_ids=[int(t["image_id"]) for t in targets],  # host tensors: no sync
-                proposals=proposals,
-                rpn_top_k=rpn_top_k,
-                rpn_nms_iou=rpn_nms_iou,
-            )
-            progress.advance(task, len(batch))
+    done = 0
+    with bar as progress:
+        task = progress.add_task(f"{label}: inference", total=total)
+        for images, image_ids, advance in batches:
+            if images:
+                with torch.inference_mode(), bf16:
+                    records = predict_batch(
+                        model,
+                        [image.to(device, non_blocking=True) for image in images],
+                        image_ids=image_ids,
+                        proposals=proposals,
+                        rpn_top_k=rpn_top_k,
+                        rpn_nms_iou=rpn_nms_iou,
+                    )
+                done += len(images)
+                yield records
+            progress.advance(task, advance)
             governor.step()  # a busy neighbour takes a thread, not 10x the time
     seconds = time.perf_counter() - started
     if not quiet:
-        print(f"{label}: {len(images)} images in {seconds:.1f} s "
-              f"({len(images) / seconds:.1f} img/s, batch {batch_size}, {device})")  # fmt: skip
-    return records
+        print(f"{label}: {done} images in {seconds:.1f} s "
+              f"({done / max(seconds, 1e-9):.1f} img/s, batch {batch_size}, {device})")  # fmt: skip
 
 
 def resolve_device(text: str) -> Any:

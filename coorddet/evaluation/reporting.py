@@ -1,7 +1,7 @@
 """Evaluation, stage three: scored runs -> the report folder, written whole or not at all.
 
 Writes ``metrics.json``, ``predictions_<run>.json`` (COCO results), ``groups.json`` (seeds
-aggregated), ``detections.png``, ``iou_distribution.png`` and ``report.md`` into a hidden
+aggregated), ``detections.png``, ``iou_distribution.png``, ``confusion.png`` and ``report.md`` into a hidden
 sibling folder that replaces ``out`` only once everything is written
 (:func:`coorddet.report.staged_dir`).
 """
@@ -12,15 +12,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from coorddet.class_metrics import category_names, confusion_matrix
 from coorddet.data import CocoDataset
 from coorddet.fileio import write_json_atomic, write_text_atomic
 from coorddet.metrics import ground_truth, per_gt_ious
-from coorddet.plots import plot_detections, plot_iou_distribution
+from coorddet.plots import plot_confusion, plot_detections, plot_iou_distribution
 from coorddet.predictions import ImagePrediction, to_coco_results
 from coorddet.report import render_report, staged_dir
 
 PLOT_SAMPLES = 6  # canvases drawn in detections.png
-PLOTS = ("detections.png", "iou_distribution.png")
+PLOTS = ("detections.png", "iou_distribution.png", "confusion.png")
 
 
 @dataclass(frozen=True)
@@ -91,3 +92,9 @@ def _plot(folder: Path, comparison: Comparison, dataset: CocoDataset) -> None:
         for name, records in comparison.runs.items()
     }
     plot_iou_distribution(ious, folder / PLOTS[1])
+    names = category_names(dataset.categories)
+    matrices = {
+        name: confusion_matrix(records, gts, list(names), score_thresh=score_thresh)
+        for name, records in comparison.runs.items()
+    }
+    plot_confusion(matrices, [*names.values(), "background"], folder / PLOTS[2])

@@ -55,3 +55,26 @@ def score_runs(
         )
         for name, records in runs.items()
     }
+
+
+def score_per_class(
+    coco: COCO,
+    runs: Mapping[str, Sequence[ImagePrediction]],
+    *,
+    image_ids: Iterable[int],
+    score_thresh: float = 0.5,
+    without_detections: Collection[str] = (),
+) -> dict[str, dict[str, dict[str, float | None]]]:
+    """``{run: {category name: {"map", "map_50", "gt_iou"}}}``
+    (:func:`coorddet.class_metrics.per_class_metrics`); ``None`` throughout for the runs
+    named in ``without_detections``."""
+    from coorddet.class_metrics import PER_CLASS_KEYS, category_names, per_class_metrics
+
+    ids = list(image_ids)
+    names = category_names([coco.cats[c] for c in sorted(coco.cats)]).values()
+    return {
+        name: {n: dict.fromkeys(PER_CLASS_KEYS) for n in names}
+        if name in without_detections
+        else per_class_metrics(coco, records, image_ids=ids, score_thresh=score_thresh)
+        for name, records in runs.items()
+    }
