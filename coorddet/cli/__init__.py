@@ -36,6 +36,15 @@ def add_threads_option(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+def add_trust_option(parser: argparse.ArgumentParser) -> None:
+    """``--trust-checkpoint``, the same in every command that loads a checkpoint."""
+    parser.add_argument(
+        "--trust-checkpoint", action="store_true",
+        help="allow checkpoints that hold Python objects (can run code when loaded); only for "
+        "files you trust",
+    )  # fmt: skip
+
+
 def threads_option(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Apply ``--threads`` (:func:`coorddet.system.fix_threads`); a count below 1 is a usage
     error."""

@@ -13,7 +13,13 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from coorddet.cli import ArgumentParser, add_threads_option, report_errors, threads_option
+from coorddet.cli import (
+    ArgumentParser,
+    add_threads_option,
+    add_trust_option,
+    report_errors,
+    threads_option,
+)
 from coorddet.config import EvalConfig
 from coorddet.evaluation import PRECISIONS
 
@@ -55,8 +61,7 @@ def parse_args(argv: Sequence[str] | None) -> Any:
         help="RPN proposals per image for rpn_iou (default: %(default)s, the paper's)")  # fmt: skip
     add("--rpn-nms-iou", type=float, default=defaults.rpn_nms_iou,
         help="NMS IoU for those proposals (default: %(default)s, the paper's)")  # fmt: skip
-    add("--trust-checkpoint", action="store_true", help="allow checkpoints that hold Python "
-        "objects (can run code when loaded); only for files you trust")  # fmt: skip
+    add_trust_option(parser)
     add("--overwrite", action="store_true", help="replace a non-empty REPORT_DIR")
     add_threads_option(parser)
     add("--quiet", action="store_true", help="no progress bar or timing lines")

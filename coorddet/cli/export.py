@@ -16,7 +16,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from coorddet.cli import ArgumentParser, add_threads_option, report_errors, threads_option
+from coorddet.cli import (
+    ArgumentParser,
+    add_threads_option,
+    add_trust_option,
+    report_errors,
+    threads_option,
+)
 from coorddet.errors import UserError
 from coorddet.export_formats import FORMATS
 
@@ -39,8 +45,7 @@ def parse_args(argv: Sequence[str] | None) -> Any:
         "min_size, square: the training canvas for data_gen data)")  # fmt: skip
     add("--batch-size", type=int, default=1, help="images per call, fixed in the file "
         "(default: %(default)s)")  # fmt: skip
-    add("--trust-checkpoint", action="store_true", help="allow checkpoints that hold Python "
-        "objects (can run code when loaded); only for files you trust")  # fmt: skip
+    add_trust_option(parser)
     add("--overwrite", action="store_true", help="replace an existing FILE")
     add_threads_option(parser)
     add("--quiet", action="store_true", help="no closing line")

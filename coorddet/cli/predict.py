@@ -12,7 +12,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from coorddet.cli import ArgumentParser, add_threads_option, report_errors, threads_option
+from coorddet.cli import (
+    ArgumentParser,
+    add_threads_option,
+    add_trust_option,
+    report_errors,
+    threads_option,
+)
 from coorddet.cli.evaluate import DEVICE_PATTERN
 from coorddet.evaluation import PRECISIONS
 
@@ -44,8 +50,7 @@ def parse_args(argv: Sequence[str] | None) -> Any:
         "with its boxes, category names and scores")  # fmt: skip
     add("--draw-thresh", type=float, default=0.5, help="detections drawn by --draw "
         "(default: score >= %(default)s)")  # fmt: skip
-    add("--trust-checkpoint", action="store_true", help="allow checkpoints that hold Python "
-        "objects (can run code when loaded); only for files you trust")  # fmt: skip
+    add_trust_option(parser)
     add("--overwrite", action="store_true", help="replace a non-empty DIR")
     add_threads_option(parser)
     add("--quiet", action="store_true", help="no progress bar or timing line")
