@@ -69,6 +69,18 @@ DATASETS: dict[str, list[str]] = {
     "digit-quadrant": ["--split-mode", "quadrant"],
 }
 ONE_STAGE = ("retinanet", "fcos")
+# The one-stage detectors' budget, the same for both arms. configs/paper.yaml's SGD at lr 0.02
+# for 4 epochs left RetinaNet near map 0 on position labels (the first sitting's three runs,
+# results/where_it_helps.json at commit c5d7211). A pilot on the val split with seed 100 (never
+# a study seed) chose AdamW at lr 1e-3 and 1.5 times the epochs, the most that fits a run in
+# 8 minutes on one core.
+ONE_STAGE_OPTIMIZER = ["--optimizer", "adamw", "--lr", "0.001"]
+
+
+def one_stage_epochs(epochs: int) -> int:
+    return max(1, epochs * 3 // 2)
+
+
 # arm -> train.py flags
 ARMS: dict[str, list[str]] = {
     "baseline": ["--no-coordconv"],
@@ -88,17 +100,17 @@ class Cell:
     def name(self) -> str:
         return f"{self.dataset}/{self.detector}"
 
-    @property
-    def flags(self) -> list[str]:
-        """train.py flags every arm of the cell shares."""
+    def flags(self, epochs: int) -> list[str]:
+        """train.py flags every arm of the cell shares, for a study of ``epochs`` epochs."""
         flags = ["--detector", self.detector]
         if self.dataset.startswith("position"):
             # a shift could carry a digit over a region line and so change its true category
             flags.append("--no-augment")
         if self.dataset == "position-mixed":
             flags.append("--keep-image-size")  # no resizing: batches of mixed sizes are padded
-        if self.detector in ONE_STAGE:  # the config names the R-CNNs' sites
-            flags += ["--coordconv-sites", "backbone-stem,head-box"]
+        if self.detector in ONE_STAGE:  # the config names the R-CNNs' sites and optimizer
+            flags += ["--coordconv-sites", "backbone-stem,head-box", *ONE_STAGE_OPTIMIZER,
+                      "--max-epochs", str(one_stage_epochs(epochs))]  # fmt: skip
         return flags
 
 
@@ -150,6 +162,12 @@ class Run:
     @property
     def key(self) -> str:
         return f"{self.cell.name}/{self.arm}-s{self.seed}"
+
+    def train_flags(self, args: argparse.Namespace) -> list[str]:
+        """The run's train.py flags besides its paths, seed and threads; recorded with its
+        scores, so that a rerun can tell a run trained under other code."""
+        return ["--config", args.config, "--max-epochs", str(args.epochs),
+                *self.cell.flags(args.epochs), *ARMS[self.arm]]  # fmt: skip
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -210,11 +228,9 @@ def train_and_score(run: Run, data: Path, args: argparse.Namespace, log: Log) ->
     out = Path(args.runs) / run.key
     scores = out / "test" / "metrics.json"
     if not (out / "metrics.json").is_file():
-        cmd = train_command(out, ["--config", args.config, "--data", str(data), "--name", run.arm,
-                                  "--seed", str(run.seed), "--max-epochs", str(args.epochs),
-                                  "--accelerator", "cpu", "--devices", "1",
-                                  "--threads", str(args.threads), *run.cell.flags,
-                                  *ARMS[run.arm]])  # fmt: skip
+        cmd = train_command(out, ["--data", str(data), "--name", run.arm, "--seed",
+                                  str(run.seed), "--accelerator", "cpu", "--devices", "1",
+                                  "--threads", str(args.threads), *run.train_flags(args)])  # fmt: skip
         log(f"{run.key}: training")
         started = time.monotonic()
         _check(cmd, out.with_name(out.name + ".log"), python_env(args.threads))
@@ -228,6 +244,7 @@ def train_and_score(run: Run, data: Path, args: argparse.Namespace, log: Log) ->
     (scored,) = json.loads(scores.read_text()).values()
     result = {key: scored.get(key) for key in METRICS if key in scored}
     result["train_img_per_s"] = trained.get("train_img_per_s")
+    result["train_flags"] = run.train_flags(args)
     log(f"{run.key}: test map {format_number(result.get('map'))}, "
         f"gt_iou {format_number(result.get('gt_iou'))}")  # fmt: skip
     return result
@@ -407,7 +424,9 @@ def render_markdown(results: dict[str, Any]) -> str:
         ),
         f"- training: `{setup['config']}`, {setup['epochs']} epochs, seeds {setup['seeds']}, "
         "the same for every arm; position labels without augmentation; one-stage detectors "
-        "with CoordConv at `backbone-stem,head-box`; scored from `last.ckpt` on the test split",
+        f"with CoordConv at `backbone-stem,head-box`, `{' '.join(ONE_STAGE_OPTIMIZER)}` and "
+        f"{one_stage_epochs(setup['epochs'])} epochs (the config's SGD left RetinaNet near map 0); "
+        "scored from `last.ckpt` on the test split; each run's flags: the JSON's `train_flags`",
         f"- hardware: {env['cpu']} ({env['cpu_count']} CPUs), GPU: {env['gpu'] or 'none'}; "
         f"{setup['jobs']} runs at a time, {setup['threads']} torch thread(s) each",
         f"- software: Python {env['python']}, torch {env['torch']}, torchvision "
@@ -517,6 +536,12 @@ def run_study(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     if not (Path(args.out) / f"{NAME}.json").is_file():
         results.write("hypotheses and plan, before the first run")
     data = {name: dataset(name, args, log) for name in dict.fromkeys(r.cell.dataset for r in runs)}
+    stale = [run.key for run in runs if run.key in results.scores
+             and results.scores[run.key].get("train_flags") != run.train_flags(args)]  # fmt: skip
+    if stale:
+        raise UserError(f"{args.out}/{NAME}.json: {len(stale)} finished run(s) trained with other "
+                        f"train.py flags than this code gives ({', '.join(stale)}); delete them "
+                        "from its `scores` and their folders under --runs, then rerun")  # fmt: skip
     todo = [run for run in runs if run.key not in results.scores]
     for run in runs:
         if run.key in results.scores:

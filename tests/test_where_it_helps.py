@@ -1,5 +1,6 @@
 """``experiments/where_it_helps.py``: the run order, a real (tiny) study end to end, a rerun that
-keeps finished runs, and the committed results matching their Markdown and the README."""
+keeps finished runs (and refuses ones trained with other flags), and the committed results
+matching their Markdown and the README."""
 
 from __future__ import annotations
 
@@ -31,6 +32,13 @@ def quick_study(tmp_path_factory) -> Path:
     tmp.joinpath("again.log").write_text(again.stdout)
     changed = run_cli(str(SCRIPT), *args, "--threads", "2", timeout=600)
     tmp.joinpath("changed.err").write_text(changed.stderr + f"\nexit {changed.returncode}")
+    # a finished run whose recorded train.py flags are not what the code gives it now
+    stale = json.loads((tmp / "first.json").read_text())
+    stale["scores"]["position/faster-rcnn/coordconv-s0"]["train_flags"][-1] = "--no-coordconv"
+    (tmp / "stale").mkdir()
+    (tmp / "stale" / "where_it_helps.json").write_text(json.dumps(stale))
+    refused = run_cli(str(SCRIPT), *args[:-2], "--out", str(tmp / "stale"), timeout=600)
+    tmp.joinpath("stale.err").write_text(refused.stderr + f"\nexit {refused.returncode}")
     return tmp
 
 
@@ -70,6 +78,15 @@ def test_rerun_keeps_finished_runs_and_refuses_another_setup(quick_study):
     assert again["scores"] == first["scores"]
     refused = (quick_study / "changed.err").read_text()
     assert refused.endswith("exit 2") and "another setup" in refused
+    assert first["scores"]["position/faster-rcnn/baseline-s0"]["train_flags"][-1] == (
+        "--no-coordconv"
+    )
+
+
+def test_rerun_refuses_a_run_trained_with_other_flags(quick_study):
+    refused = (quick_study / "stale.err").read_text()
+    assert refused.endswith("exit 2") and "position/faster-rcnn/coordconv-s0" in refused
+    assert "other train.py flags" in refused and "Traceback" not in refused
 
 
 def test_bad_arguments_exit_2():
