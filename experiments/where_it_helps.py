@@ -454,9 +454,10 @@ def render_markdown(results: dict[str, Any]) -> str:
     lines += [
         "",
         "map: COCO mAP@[.5:.95] (pycocotools), segm_map the same for masks; gt_iou: mean best "
-        "same-class IoU of each ground-truth box (0 when missed); det_iou: mean best IoU of "
-        "detections with score >= 0.5. Crowd boxes (position labels near a region line) are "
-        "neither trained on nor scored. Each arm's means and intervals: the JSON's `cells`.",
+        "same-class IoU of each ground-truth box among the detections with score >= 0.5 (0 when "
+        "there is none: RetinaNet's focal-loss scores seldom reach 0.5 in this budget); "
+        "det_iou: mean best IoU of those detections. Crowd boxes (position labels near a "
+        "region line) are neither trained on nor scored. Each arm's means and intervals: the JSON's `cells`.",
         "",
     ]
     return "\n".join(lines)
