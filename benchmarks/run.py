@@ -99,6 +99,24 @@ class StepTimer(L.Callback):
             trainer.should_stop = True
 
 
+def alternated_step_times(models: dict, optimizers: dict, batches: list, *, steps: int,
+                          warmup: int) -> dict[str, list[float]]:  # fmt: skip
+    """Seconds of each arm's training steps after ``warmup``, the arms alternated step by step
+    (their order flipped every step), so that a drift of the machine hits both alike."""
+    times: dict[str, list[float]] = {arm: [] for arm in models}
+    for step in range(warmup + steps):
+        images, targets = batches[step % len(batches)]
+        for arm in list(models) if step % 2 == 0 else list(reversed(models)):
+            started = time.perf_counter()
+            loss = sum(models[arm](images, targets).values())
+            optimizers[arm].zero_grad(set_to_none=True)
+            loss.backward()
+            optimizers[arm].step()
+            if step >= warmup:
+                times[arm].append(time.perf_counter() - started)
+    return times
+
+
 def bench_generation(out: Path) -> tuple[float, Path]:
     started = time.perf_counter()
     summary = generate(GeneratorConfig(out=str(out)))
@@ -213,18 +231,7 @@ def interleaved_ratio(
         torch.manual_seed(0)
         models[arm] = build_model(detector=detector, coordconv=arm == "coordconv").train()
         optimizers[arm] = torch.optim.SGD(models[arm].parameters(), lr=0.01, momentum=0.9)
-    times: dict[str, list[float]] = {arm: [] for arm in models}
-    for step in range(warmup + steps):
-        images, targets = batches[step % len(batches)]
-        arms = list(models) if step % 2 == 0 else list(reversed(models))
-        for arm in arms:
-            started = time.perf_counter()
-            loss = sum(models[arm](images, targets).values())
-            optimizers[arm].zero_grad(set_to_none=True)
-            loss.backward()
-            optimizers[arm].step()
-            if step >= warmup:
-                times[arm].append(time.perf_counter() - started)
+    times = alternated_step_times(models, optimizers, batches, steps=steps, warmup=warmup)
     pairs = [cc / base for base, cc in zip(times["baseline"], times["coordconv"], strict=True)]
     median = {arm: statistics.median(values) for arm, values in times.items()}
     return statistics.median(pairs), median
@@ -295,17 +302,7 @@ def compiled_speeds(data: Path, *, steps: int, warmup: int) -> dict[str, float]:
     with torch.no_grad():
         diff = (models["eager"].backbone(images) - models["compiled"].backbone(images)).abs()
     results = {"compiled_feature_max_abs_diff": float(diff.max())}
-    times: dict[str, list[float]] = {arm: [] for arm in models}
-    for step in range(warmup + steps):
-        images, targets = batches[step % len(batches)]
-        for arm in list(models) if step % 2 == 0 else list(reversed(models)):
-            started = time.perf_counter()
-            loss = sum(models[arm](images, targets).values())
-            optimizers[arm].zero_grad(set_to_none=True)
-            loss.backward()
-            optimizers[arm].step()
-            if step >= warmup:
-                times[arm].append(time.perf_counter() - started)
+    times = alternated_step_times(models, optimizers, batches, steps=steps, warmup=warmup)
     eval_images, eval_targets = collate_detection([test[i] for i in range(EVAL_BATCH)])
     ids = [int(t["image_id"]) for t in eval_targets]
     eval_times: dict[str, list[float]] = {arm: [] for arm in models}
